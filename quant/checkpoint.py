@@ -1,0 +1,252 @@
+"""Quantized checkpoints: written in the compressed-tensors layout, read back by quantmill itself.
+
+`save_quantized` hands the integer weights to compressed-tensors' own compressor, so the folder
+is what `AutoModelForCausalLM.from_pretrained` (with the compressed-tensors package) and vLLM
+expect. `load_quantized` rebuilds a float model from the same files with quantmill's own
+de-quantization, which is what quantmill evaluates; the two are compared in the tests.
+
+Asymmetric weights are saved `int-quantized` (one int8 per weight) rather than `pack-quantized`:
+transformers 5.24 cannot load packed zero points (the packed [out/8, groups] tensor mismatches the
+[out, groups] parameter it allocates; llm-compressor issue 1618). The choice is recorded in
+quantmill.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from quant.qparams import QuantizedWeight
+from quant.recipe import Recipe
+
+LINEAGE_FILE = "quantmill.json"
+RECIPE_FILE = "recipe.yaml"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+
+
+def checkpoint_format(recipe: Recipe) -> str:
+    if recipe.weights.type == "float":
+        return "float-quantized"
+    if recipe.activations is not None:
+        return "int-quantized"
+    return "pack-quantized" if recipe.weights.symmetric else "int-quantized"
+
+
+def _weight_args(recipe: Recipe, granularity: str, group_size: int | None, actorder: bool):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    w = recipe.weights
+    kwargs: dict[str, Any] = dict(num_bits=w.bits, type=w.type, symmetric=w.symmetric, strategy=granularity)
+    if granularity == "group":
+        kwargs["group_size"] = group_size
+        if actorder:
+            kwargs["actorder"] = "group"
+    return QuantizationArgs(**kwargs)
+
+
+def _activation_args(recipe: Recipe):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    a = recipe.activations
+    if a is None:
+        return None
+    return QuantizationArgs(
+        num_bits=a.bits, type=a.type, symmetric=a.symmetric, dynamic=a.dynamic, strategy=a.granularity
+    )
+
+
+def build_quantization_config(recipe: Recipe, weights: dict[str, QuantizedWeight]):
+    """One config group per distinct weight layout (e.g. most layers grouped, a few per-channel)."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    layouts: dict[tuple[str, int | None, bool], list[str]] = {}
+    for name, qw in weights.items():
+        granularity = "group" if qw.group_size else recipe.weights.granularity
+        if granularity == "group" and not qw.group_size:
+            granularity = "channel"
+        layouts.setdefault((granularity, qw.group_size, qw.g_idx is not None), []).append(name)
+    groups = {}
+    for i, ((granularity, group_size, actorder), names) in enumerate(sorted(layouts.items(), key=lambda kv: -len(kv[1]))):
+        groups[f"group_{i}"] = QuantizationScheme(
+            targets=sorted(names) if len(layouts) > 1 else ["Linear"],
+            weights=_weight_args(recipe, granularity, group_size, actorder),
+            input_activations=_activation_args(recipe),
+        )
+    ignore = sorted(
+        {name for name in recipe.ignore} if len(layouts) == 1 else set()
+    )
+    return QuantizationConfig(config_groups=groups, ignore=ignore or None, format=checkpoint_format(recipe))
+
+
+def save_quantized(
+    model: nn.Module,
+    weights: dict[str, QuantizedWeight],
+    recipe: Recipe,
+    dst: Path,
+    lineage: dict[str, Any],
+    tokenizer_dir: Path | None = None,
+) -> None:
+    """Write `model` with `weights` (module name -> integer weight) in the compressed-tensors layout.
+
+    The model is modified in place (its Linear weights become the de-quantized values).
+    """
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
+
+    fmt = checkpoint_format(recipe)
+    modules = dict(model.named_modules())
+    for name, qw in weights.items():
+        modules[name].weight.data.copy_(qw.dequantize().to(modules[name].weight.dtype))
+    config = build_quantization_config(recipe, weights)
+    apply_quantization_config(model, config)
+    for name, qw in weights.items():
+        module = modules[name]
+        module.weight_scale.data.copy_(qw.scale.reshape(module.weight_scale.shape))
+        if hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data.copy_(qw.zero_point.reshape(module.weight_zero_point.shape))
+        if qw.g_idx is not None:
+            module.weight_g_idx.data.copy_(qw.g_idx)
+        module.quantization_status = QuantizationStatus.FROZEN
+    stray = [n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None and n not in weights]
+    if stray:
+        raise ValueError(f"modules matched by the config but not quantized: {stray[:5]}")
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst)
+    compressor.update_config(dst)
+    if tokenizer_dir is not None:
+        for fname in TOKENIZER_FILES:
+            if (tokenizer_dir / fname).is_file():
+                shutil.copy2(tokenizer_dir / fname, dst / fname)
+    (dst / RECIPE_FILE).write_text(recipe.to_yaml())
+    (dst / LINEAGE_FILE).write_text(json.dumps({**lineage, "format": fmt}, indent=2, sort_keys=True, default=str))
+
+
+def _group_size_of(scheme: dict[str, Any]) -> int | None:
+    weights = scheme.get("weights") or {}
+    return weights.get("group_size") if weights.get("strategy") == "group" else None
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def dequantize_module(prefix: str, tensors: dict[str, torch.Tensor], num_bits: int, packed: bool) -> torch.Tensor:
+    """A float weight from the stored integer weight, scale, zero point and g_idx of one Linear."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    scale = tensors[f"{prefix}.weight_scale"].float()
+    if packed:
+        shape = torch.Size(tensors[f"{prefix}.weight_shape"].tolist())
+        q = unpack_from_int32(tensors[f"{prefix}.weight_packed"], num_bits, shape)
+    else:
+        q = tensors[f"{prefix}.weight"]
+    zp = tensors.get(f"{prefix}.weight_zero_point")
+    if zp is not None and zp.shape != scale.shape:  # packed along the output dimension
+        zp = unpack_from_int32(zp, num_bits, scale.shape, packed_dim=0)
+    zp = torch.zeros_like(scale, dtype=torch.int32) if zp is None else zp.to(torch.int32)
+    g_idx = tensors.get(f"{prefix}.weight_g_idx")
+    out, inp = q.shape
+    if g_idx is not None:
+        groups = g_idx.long()
+    elif scale.shape[1] > 1:
+        groups = torch.arange(inp) // (inp // scale.shape[1])
+    else:
+        groups = torch.zeros(inp, dtype=torch.long)
+    if q.dtype.is_floating_point:  # fp8 weights: scale only
+        return q.float() * scale[:, groups]
+    qw = QuantizedWeight(q.to(torch.int32), scale, zp, num_bits, g_idx=groups.to(torch.int32))
+    return qw.dequantize()
+
+
+def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A float model whose quantized Linears hold exactly the de-quantized stored weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    qconfig = getattr(config, "quantization_config", None)
+    if qconfig is None:
+        raise ValueError(f"{folder}: no quantization_config in config.json")
+    qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
+    del config.quantization_config
+    fmt = qconfig.get("format")
+    tensors = _read_tensors(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    bits = {g["weights"]["num_bits"] for g in qconfig["config_groups"].values()}
+    num_bits = bits.pop() if len(bits) == 1 else 8
+    state: dict[str, torch.Tensor] = {}
+    quantized_prefixes = {k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale")}
+    for prefix in quantized_prefixes:
+        state[f"{prefix}.weight"] = dequantize_module(prefix, tensors, num_bits, fmt == "pack-quantized").to(dtype)
+    suffixes = (".weight_scale", ".weight_zero_point", ".weight_packed", ".weight_shape", ".weight_g_idx", ".input_scale", ".input_zero_point")
+    for key, value in tensors.items():
+        if key.endswith(suffixes) or key in state:
+            continue
+        if any(key == f"{p}.weight" for p in quantized_prefixes):
+            continue
+        state[key] = value.to(dtype) if value.is_floating_point() else value
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"{folder}: checkpoint lacks {missing[:3]}")
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:  # non-persistent buffers such as rotary inv_freq: rebuild them on the CPU
+            break
+    else:
+        return model.eval()
+    fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    fresh.load_state_dict(model.state_dict(), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    return fresh.eval()
+
+
+def size_report(folder: str | Path) -> dict[str, Any]:
+    """Checkpoint bytes on disk, and stored bits per weight of the quantized Linears
+    (integer weights + scales + zero points + g_idx, over their number of weights)."""
+    folder = Path(folder)
+    total = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    quant_bits = 0
+    weights = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            keys = set(f.keys())
+            prefixes = {k[: -len(".weight_scale")] for k in keys if k.endswith(".weight_scale")}
+            for prefix in prefixes:
+                for suffix in (".weight_packed", ".weight", ".weight_scale", ".weight_zero_point", ".weight_g_idx"):
+                    if prefix + suffix in keys:
+                        t = f.get_slice(prefix + suffix)
+                        n = 1
+                        for d in t.get_shape():
+                            n *= d
+                        quant_bits += n * _DTYPE_BITS[t.get_dtype()]
+                if prefix + ".weight_shape" in keys:
+                    shape = f.get_tensor(prefix + ".weight_shape").tolist()
+                else:
+                    shape = f.get_slice(prefix + ".weight").get_shape()
+                weights += int(shape[0]) * int(shape[1])
+    return {
+        "size_bytes": total,
+        "size_mb": total / 1e6,
+        "quantized_weights": weights,
+        "bits_per_weight": quant_bits / weights if weights else None,
+    }
+
+
+_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "BOOL": 8}

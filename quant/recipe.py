@@ -1,0 +1,129 @@
+"""Recipes: the whole description of one quantization, as data (YAML validated by pydantic).
+
+The recipe hash (sha256 of its canonical JSON, description excluded) is part of the quantize
+stage key, so editing a recipe file makes a new entry and never overwrites an old one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from quant.errors import RecipeError
+from quant.hashing import canonical_json, sha256_text
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WeightScheme(_Strict):
+    """How Linear weights are quantized."""
+
+    bits: int = Field(ge=2, le=8)
+    type: Literal["int", "float"] = "int"
+    symmetric: bool = True
+    granularity: Literal["tensor", "channel", "group"] = "channel"
+    group_size: int | None = Field(default=None, gt=0)
+    # A layer whose input width the group size does not divide: fail, or keep it per-channel.
+    indivisible: Literal["error", "channel"] = "error"
+
+    @model_validator(mode="after")
+    def _group_size_matches(self) -> "WeightScheme":
+        if self.granularity == "group" and self.group_size is None:
+            raise ValueError("granularity 'group' needs group_size")
+        if self.granularity != "group" and self.group_size is not None:
+            raise ValueError(f"group_size is only for granularity 'group', not {self.granularity!r}")
+        if self.type == "float" and self.bits != 8:
+            raise ValueError("float weights are fp8: bits must be 8")
+        return self
+
+
+class ActivationScheme(_Strict):
+    """How Linear inputs are quantized at run time (absent: weight-only)."""
+
+    bits: int = 8
+    type: Literal["int", "float"] = "int"
+    dynamic: bool = True
+    granularity: Literal["token", "tensor"] = "token"
+    symmetric: bool = True
+    observer: str = "minmax"
+    observer_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _eight_bits(self) -> "ActivationScheme":
+        if self.bits != 8:
+            raise ValueError(f"activation bits must be 8 for {self.type} activations, got {self.bits}")
+        return self
+
+
+class QualityGate(_Strict):
+    """Refuse to register a result worse than this."""
+
+    max_ppl_ratio: float | None = Field(default=None, gt=1.0)
+    min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = ""
+    method: str
+    weights: WeightScheme
+    activations: ActivationScheme | None = None
+    ignore: tuple[str, ...] = ("lm_head",)
+    options: dict[str, Any] = Field(default_factory=dict)
+    gate: QualityGate | None = None
+
+    @property
+    def hash(self) -> str:
+        return sha256_text(canonical_json(self.model_dump(mode="json", exclude={"description"})))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "recipe"
+    return f"{where}: {first['msg']}"
+
+
+def parse_recipe(data: Any, origin: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {origin}: expected a mapping, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(f"recipe {origin}: {_first_error(err)}") from None
+    from quant.methods import METHODS  # the registry imports recipe types; import late
+
+    if recipe.method not in METHODS:
+        raise RecipeError(f"recipe {origin}: unknown method {recipe.method!r} (known: {', '.join(sorted(METHODS))})")
+    return recipe
+
+
+def builtin_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A built-in recipe by name, or a YAML file by path."""
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {name_or_path}")
+    else:
+        known = builtin_recipes()
+        if name_or_path not in known:
+            raise RecipeError(f"unknown recipe {name_or_path!r} (built-in: {', '.join(known)})")
+        path = known[name_or_path]
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_recipe(data, str(path))

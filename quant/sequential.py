@@ -1,0 +1,179 @@
+"""The sequential engine: walk the decoder blocks one at a time, on the device, resumably.
+
+The model stays on the CPU; the inputs of block 0 are caught with the reference GPTQ code's
+"Catcher" (a stand-in for block 0 that records its inputs and stops the forward pass), then each
+block moves to the device, is visited (statistics, quantization, ...), produces the next block's
+inputs, and moves back. With a `partial_dir`, each block's result and the next block's inputs are
+written as soon as the block is done, so a killed run resumes at the next block.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from quant.arch import decoder_layers, get_attr, layout_of
+
+Tensors = dict[str, torch.Tensor]
+# visit(index, block, inputs, forward) -> (tensors to keep, JSON metadata, next inputs or None)
+BlockVisitor = Callable[[int, nn.Module, "BlockInputs", Callable[[], list[torch.Tensor]]], tuple[Tensors, dict[str, Any], list[torch.Tensor] | None]]
+
+
+@dataclass
+class BlockInputs:
+    """What one decoder block receives, per calibration batch."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0: records its inputs, then stops the forward pass."""
+
+    def __init__(self, block: nn.Module, sink: BlockInputs) -> None:
+        super().__init__()
+        self.block = block
+        self.sink = sink
+        # Some models read attributes of their first layer (e.g. attention_type); forward them.
+        self.attention_type = getattr(block, "attention_type", None)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.sink.hidden.append(hidden_states)
+        self.sink.kwargs.append(kwargs)
+        raise _StopForward
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """The accelerator when present (or the one asked for), else the CPU."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_move(v, device) for v in value)
+    if isinstance(value, list):
+        return [_move(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def capture_block0_inputs(model: nn.Module, input_ids: torch.Tensor, device: torch.device, batch_size: int) -> BlockInputs:
+    """Run the embeddings on the device and record what block 0 receives for every batch."""
+    layout = layout_of(model)
+    layers = decoder_layers(model)
+    movable = [get_attr(model, p) for p in layout.embeddings]
+    if layout.rotary:
+        movable.append(get_attr(model, layout.rotary))
+    for m in movable:
+        m.to(device)
+    sink = BlockInputs([], [])
+    first = layers[0]
+    layers[0] = _Catcher(first, sink)
+    try:
+        for batch in input_ids.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        layers[0] = first
+        for m in movable:
+            m.to("cpu")
+    return sink
+
+
+def block_forward(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """One block over every batch; returns the outputs (the next block's hidden inputs)."""
+    outs = []
+    with torch.no_grad():
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            out = block(hidden, **kwargs)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+def _save_partial(partial: Path, index: int, tensors: Tensors, meta: dict[str, Any], hidden: list[torch.Tensor]) -> None:
+    """Block result first, next inputs second, progress marker last: a kill at any point is safe."""
+    partial.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, partial / f"block-{index:04d}.safetensors")
+    (partial / f"block-{index:04d}.json").write_text(json.dumps(meta))
+    save_file({f"h{i}": h.contiguous().cpu() for i, h in enumerate(hidden)}, partial / "hidden.tmp.safetensors")
+    (partial / "hidden.tmp.safetensors").replace(partial / "hidden.safetensors")
+    (partial / "progress.tmp.json").write_text(json.dumps({"done": index}))
+    (partial / "progress.tmp.json").replace(partial / "progress.json")
+
+
+def _load_progress(partial: Path | None) -> int:
+    if partial is None or not (partial / "progress.json").is_file():
+        return -1
+    return int(json.loads((partial / "progress.json").read_text())["done"])
+
+
+def run_sequential(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    visit: BlockVisitor,
+    *,
+    device: torch.device,
+    batch_size: int = 8,
+    partial_dir: Path | None = None,
+    restore: Callable[[int, nn.Module, Tensors, dict[str, Any]], None] | None = None,
+    desc: str = "blocks",
+    on_block_done: Callable[[int, int, dict[str, Any]], None] | None = None,
+    stop_after: int | None = None,
+) -> list[tuple[Tensors, dict[str, Any]]]:
+    """Visit every decoder block in order and return each block's (tensors, metadata).
+
+    `restore(i, block, tensors, meta)` re-applies a finished block's result when resuming (a
+    quantizer writes its weights back); `stop_after` ends the walk after that block, as a kill would.
+    """
+    model.eval()
+    layers = decoder_layers(model)
+    inputs = capture_block0_inputs(model, input_ids, device, batch_size)
+    done = _load_progress(partial_dir)
+    results: list[tuple[Tensors, dict[str, Any]]] = []
+    for i in range(done + 1):
+        tensors = load_file(partial_dir / f"block-{i:04d}.safetensors")
+        meta = json.loads((partial_dir / f"block-{i:04d}.json").read_text())
+        if restore is not None:
+            restore(i, layers[i], tensors, meta)
+        results.append((tensors, meta))
+    if done >= 0:
+        saved = load_file(partial_dir / "hidden.safetensors", device=str(device))
+        inputs.hidden = [saved[f"h{i}"] for i in range(len(saved))]
+    bar = tqdm(total=len(layers), initial=done + 1, desc=desc, unit="block", leave=False)
+    for index in range(done + 1, len(layers)):
+        block = layers[index].to(device)
+        tensors, meta, outputs = visit(index, block, inputs, lambda: block_forward(block, inputs))
+        if outputs is None:
+            outputs = block_forward(block, inputs)
+        layers[index] = block.to("cpu")
+        inputs.hidden = outputs
+        if partial_dir is not None:
+            _save_partial(partial_dir, index, tensors, meta, outputs)
+        results.append((tensors, meta))
+        bar.update(1)
+        if on_block_done is not None:
+            on_block_done(index, len(layers), meta)
+        if stop_after is not None and index >= stop_after:
+            break
+    bar.close()
+    return results

@@ -1,0 +1,376 @@
+"""SmoothQuant (Xiao et al. 2023): migrate activation outliers into the weights, exactly.
+
+Activations X of LLMs have a few channels j whose max|X_j| is 10-100x the rest; per-tensor or
+per-token int8 of X then rounds the ordinary channels to a handful of levels. Weights are flat.
+SmoothQuant rewrites Y = X W^T as Y = (X diag(s)^-1) (W diag(s))^T with
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+
+so both factors have tamer channel ranges (alpha = 0.5 balances them). The division of X by s is
+folded into whatever produces X (a norm's weight, or the rows of a previous Linear), so the
+smoothed float model computes the same function and nothing runs at inference time.
+
+Folds, for Llama-family decoder layers (Llama, Mistral, Qwen2/3, Gemma: one table, `SMOOTH_GROUPS`):
+  input_layernorm          -> self_attn.q_proj, k_proj, v_proj
+  post_attention_layernorm -> mlp.gate_proj, up_proj   (pre_feedforward_layernorm where it exists)
+  self_attn.v_proj (rows)  -> self_attn.o_proj (columns), GQA-aware: see `gqa_column_index`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.errors import RecipeError, StatsError
+from quant.qparams import compute_qparams, fake_quantize, quantize_weight_rtn
+
+EPS = 1e-5
+ALPHA_GRID: tuple[float, ...] = tuple(round(i * 0.05, 2) for i in range(21))
+
+# (norm attribute, Linears it feeds), relative to a decoder layer. Gemma-2/3 put a norm on the
+# attention output (post_attention_layernorm) and feed the MLP from pre_feedforward_layernorm:
+# `mlp_norm_name` picks the right one.
+SMOOTH_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+V_O = ("self_attn.v_proj", "self_attn.o_proj")
+
+
+# ----------------------------------------------------------------------------- the scales
+
+
+def validate_alpha(alpha: float) -> float:
+    """alpha is the migration strength: 0 keeps X as is, 1 moves all of its range into W."""
+    if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+        raise RecipeError(f"smoothquant alpha must be in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), clamped to [1e-5, 1e5].
+
+    A channel that never fires (max|X_j| = 0) or has no weight (max|W_j| = 0) gives no reason to
+    move range either way: s_j = 1 there, instead of 0 or inf.
+    """
+    alpha = validate_alpha(alpha)
+    if act_absmax.shape != weight_absmax.shape or act_absmax.dim() != 1:
+        raise StatsError(
+            f"activation absmax {tuple(act_absmax.shape)} does not match weight absmax {tuple(weight_absmax.shape)}"
+        )
+    X = act_absmax.float().abs().to(weight_absmax.device)
+    W = weight_absmax.float().abs()
+    s = X.clamp(min=EPS).pow(alpha) / W.clamp(min=EPS).pow(1.0 - alpha)
+    s = torch.where((X > 0) & (W > 0), s, torch.ones_like(s))
+    return s.clamp(EPS, 1.0 / EPS)
+
+
+def weight_absmax(linears: Sequence[nn.Linear]) -> torch.Tensor:
+    """max|W_j| over every output row of every Linear that reads input channel j."""
+    return torch.stack([lin.weight.detach().float().abs().amax(dim=0) for lin in linears]).amax(dim=0)
+
+
+def gqa_column_index(num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """For each o_proj input column, the v_proj output row that feeds it.
+
+    Attention head h reads KV head h // (num_heads / num_kv_heads) (transformers' repeat_kv), and
+    its output is linear in V channel by channel: dividing v row (kv, d) by s scales o_proj column
+    (h, d) of every head h of that KV group by 1/s. So one scale per v row, repeated across the
+    group, is exact with GQA; a free per-column scale on o_proj would not be.
+    """
+    if num_heads % num_kv_heads:
+        raise RecipeError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+    n_rep = num_heads // num_kv_heads
+    kv_of_head = torch.arange(num_heads) // n_rep
+    return (kv_of_head[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+# ----------------------------------------------------------------------------- exact folds
+
+
+def _norm_affine_offset(norm: nn.Module, C: int, name: str) -> float:
+    """The o in y = n(x) * (w + o) + b of a norm: 0 for Llama/LayerNorm, 1 for Gemma-style norms.
+
+    Read off the module by probing (weight 0 vs 1), not from its class name, so an unfamiliar
+    norm either folds exactly or is refused.
+    """
+    kind = type(norm).__name__
+    weight = getattr(norm, "weight", None)
+    if "Norm" not in kind or not isinstance(weight, torch.Tensor) or weight.shape != (C,):
+        raise RecipeError(f"{name}: cannot fold smoothing into {kind}")
+    saved = weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, C, generator=g).to(device=weight.device, dtype=weight.dtype)
+    b = getattr(norm, "bias", None)
+    b = b.detach().float() if isinstance(b, torch.Tensor) else 0.0
+    try:
+        with torch.no_grad():
+            weight.zero_()
+            y0 = norm(x).float()
+            weight.fill_(1.0)
+            y1 = norm(x).float()
+    except Exception as e:  # a module that is called differently is not a norm we know
+        raise RecipeError(f"{name}: cannot fold smoothing into {kind} ({type(e).__name__})") from None
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    n = y1 - y0
+    ok = n.abs() > 0.1
+    if not ok.any():
+        raise RecipeError(f"{name}: cannot fold smoothing into {kind}")
+    o = ((y0 - b) / n)[ok].median().item()
+    if abs(o - round(o)) > 0.05:
+        raise RecipeError(f"{name}: cannot fold smoothing into {kind} (output is not affine in its weight)")
+    return float(round(o))
+
+
+def _check_linears(linears: Sequence[nn.Module], C: int, name: str) -> None:
+    for i, lin in enumerate(linears):
+        if not isinstance(lin, nn.Linear) or lin.in_features != C:
+            raise RecipeError(f"{name}: consumer {i} ({type(lin).__name__}) is not a Linear with {C} inputs")
+
+
+@torch.no_grad()
+def _scale_columns(linears: Sequence[nn.Linear], s_cols: torch.Tensor) -> None:
+    for lin in linears:
+        W = lin.weight
+        W.copy_((W.float() * s_cols.to(W.device)[None, :]).to(W.dtype))
+
+
+@torch.no_grad()
+def fold_smoothing(norm: nn.Module, linears: Sequence[nn.Linear], s: torch.Tensor, name: str = "norm") -> None:
+    """norm.weight (and bias) /= s, every following Linear's columns *= s: the float function is unchanged.
+
+    Works for any norm whose output is y = n(x) * (w + o) + b (LayerNorm, RMSNorm, Gemma's 1 + w),
+    checked on a probe; anything else raises RecipeError naming `name`.
+    """
+    C = s.numel()
+    o = _norm_affine_offset(norm, C, name)
+    _check_linears(linears, C, name)
+    s32 = s.detach().float().to(norm.weight.device)
+    w = norm.weight
+    w.copy_(((w.float() + o) / s32 - o).to(w.dtype))
+    bias = getattr(norm, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.copy_((bias.float() / s32).to(bias.dtype))
+    _scale_columns(linears, s32)
+
+
+@torch.no_grad()
+def fold_smoothing_linear(
+    prev: nn.Linear,
+    linears: Sequence[nn.Linear],
+    s: torch.Tensor,
+    col_index: torch.Tensor | None = None,
+    name: str = "linear",
+) -> None:
+    """prev's output rows (weight and bias) /= s, the consumers' columns *= s[col_index].
+
+    Exact when the consumers' inputs depend linearly, channel by channel, on prev's outputs
+    (v_proj -> o_proj through attention, up_proj -> down_proj through the gate product).
+    col_index maps each consumer column to the prev row feeding it (None: the identity).
+    """
+    if not isinstance(prev, nn.Linear) or prev.out_features != s.numel():
+        raise RecipeError(f"{name}: cannot fold smoothing into {type(prev).__name__} with {s.numel()} outputs")
+    s32 = s.detach().float().to(prev.weight.device)
+    s_cols = s32 if col_index is None else s32[col_index.to(s32.device)]
+    _check_linears(linears, s_cols.numel(), name)
+    prev.weight.copy_((prev.weight.float() / s32[:, None]).to(prev.weight.dtype))
+    if prev.bias is not None:
+        prev.bias.copy_((prev.bias.float() / s32).to(prev.bias.dtype))
+    _scale_columns(linears, s_cols)
+
+
+# ----------------------------------------------------------------------------- decoder layers
+
+
+def get_submodule(layer: nn.Module, path: str, prefix: str = "") -> nn.Module:
+    """layer.<path>, or a RecipeError naming the missing module and the layer class."""
+    try:
+        return layer.get_submodule(path)
+    except AttributeError:
+        where = f"{prefix}.{path}" if prefix else path
+        raise RecipeError(f"{where}: no such module in {type(layer).__name__} (not a Llama-family decoder layer)") from None
+
+
+def mlp_norm_name(layer: nn.Module) -> str:
+    """The norm that feeds the MLP: pre_feedforward_layernorm (Gemma-2/3) or post_attention_layernorm."""
+    return "pre_feedforward_layernorm" if hasattr(layer, "pre_feedforward_layernorm") else "post_attention_layernorm"
+
+
+def norm_groups(layer: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+    """SMOOTH_GROUPS with the MLP norm resolved for this layer."""
+    return [(SMOOTH_GROUPS[0][0], SMOOTH_GROUPS[0][1]), (mlp_norm_name(layer), SMOOTH_GROUPS[1][1])]
+
+
+def attention_heads(layer: nn.Module, prefix: str = "") -> tuple[int, int, int]:
+    """(num_heads, num_kv_heads, head_dim) of the layer's self_attn."""
+    attn = get_submodule(layer, "self_attn", prefix)
+    cfg = getattr(attn, "config", None)
+    try:
+        H, H_kv, d = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads, attn.head_dim
+    except AttributeError:
+        where = f"{prefix}.self_attn" if prefix else "self_attn"
+        raise RecipeError(f"{where}: cannot read head counts from {type(attn).__name__}") from None
+    return int(H), int(H_kv), int(d)
+
+
+def _lookup(stats: Mapping[str, torch.Tensor], key: str, prefix: str) -> torch.Tensor:
+    """Stats keyed relative to the layer ("self_attn.q_proj") or by full name ("model.layers.0.self_attn.q_proj")."""
+    if key in stats:
+        return stats[key]
+    full = f"{prefix}.{key}" if prefix else key
+    if full in stats:
+        return stats[full]
+    raise StatsError(f"{full}: no input absmax in the statistics")
+
+
+def smooth_v_o(layer: nn.Module, o_act_absmax: torch.Tensor, alpha: float, prefix: str = "") -> torch.Tensor:
+    """Smooth o_proj's input through v_proj's rows; one scale per v row, shared by its GQA group.
+
+    The activation range of a v row is the largest over the heads that read it; the weight range
+    of a v row is the largest over those heads' o_proj columns. Returns the per-v-row s.
+    """
+    v = get_submodule(layer, V_O[0], prefix)
+    o = get_submodule(layer, V_O[1], prefix)
+    H, H_kv, d = attention_heads(layer, prefix)
+    n_rep = H // H_kv
+    X = o_act_absmax.float().reshape(H_kv, n_rep, d).amax(dim=1).reshape(-1)
+    W = o.weight.detach().float().abs().reshape(o.out_features, H_kv, n_rep, d).amax(dim=(0, 2)).reshape(-1)
+    s = smoothing_scales(X, W, alpha)
+    fold_smoothing_linear(v, [o], s, gqa_column_index(H, H_kv, d), name=f"{prefix}.{V_O[0]}" if prefix else V_O[0])
+    return s
+
+
+def smooth_decoder_layer(
+    layer: nn.Module,
+    act_absmax: Mapping[str, torch.Tensor],
+    alpha: float,
+    prefix: str = "",
+    v_o: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant scales into a Llama-family decoder layer, in place; returns s per norm/v_proj.
+
+    act_absmax holds max|X_j| of each Linear's input, measured on the float model (keys relative to
+    the layer or full names under `prefix`). Each fold leaves every other Linear's input unchanged,
+    so the order of the folds does not matter and the float statistics stay valid.
+    """
+    alpha = validate_alpha(alpha)
+    out: dict[str, torch.Tensor] = {}
+    for norm_name, lin_names in norm_groups(layer):
+        norm = get_submodule(layer, norm_name, prefix)
+        linears = [get_submodule(layer, n, prefix) for n in lin_names]
+        where = f"{prefix}.{norm_name}" if prefix else norm_name
+        if not all(isinstance(lin, nn.Linear) for lin in linears):
+            raise RecipeError(f"{where}: feeds a module that is not a Linear")
+        s = smoothing_scales(_lookup(act_absmax, lin_names[0], prefix), weight_absmax(linears), alpha)
+        fold_smoothing(norm, linears, s, name=where)
+        out[norm_name] = s
+    if v_o:
+        out[V_O[0]] = smooth_v_o(layer, _lookup(act_absmax, V_O[1], prefix), alpha, prefix)
+    return out
+
+
+# ----------------------------------------------------------------------------- fake W8A8 and the alpha search
+
+
+class FakeW8A8Linear(nn.Module):
+    """A Linear computing in float what int8 W8A8 computes: per-channel int8 W, int8 X.
+
+    act_granularity "tensor": one scale for X, `act_scale` if given (static, calibrated), else
+    absmax of the current input / 127 (= static calibration on this very batch).
+    "token": dynamic per-token absmax / 127.
+    """
+
+    def __init__(self, linear: nn.Linear, act_granularity: str = "tensor", act_scale: torch.Tensor | float | None = None):
+        super().__init__()
+        if act_granularity not in ("tensor", "token"):
+            raise RecipeError(f"activation granularity must be 'tensor' or 'token', got {act_granularity!r}")
+        Wq = quantize_weight_rtn(linear.weight.detach(), 8, True, "channel").dequantize()
+        self.register_buffer("weight", Wq.to(linear.weight.dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.act_granularity = act_granularity
+        self.act_scale = None if act_scale is None else torch.as_tensor(act_scale, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        X = x.float()
+        if self.act_scale is not None:
+            scale = self.act_scale.to(X.device)
+        elif self.act_granularity == "tensor":
+            scale, _ = compute_qparams(-X.abs().amax(), X.abs().amax(), 8, True)
+        else:
+            absmax = X.abs().amax(dim=-1, keepdim=True)
+            scale, _ = compute_qparams(-absmax, absmax, 8, True)
+        Xq = fake_quantize(X, scale, torch.zeros_like(scale, dtype=torch.int32), 8)
+        return F.linear(Xq.to(x.dtype), self.weight, self.bias)
+
+
+def apply_fake_w8a8(
+    module: nn.Module, act_granularity: str = "tensor", act_scales: Mapping[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """Replace every nn.Linear under `module` by a FakeW8A8Linear, in place; returns `module`."""
+    targets = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    for name, lin in targets:
+        fq = FakeW8A8Linear(lin, act_granularity, None if act_scales is None else act_scales.get(name))
+        if name == "":
+            return fq
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, fq)
+    return module
+
+
+def block_output(layer: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor], layer_kwargs: Mapping[str, Any]) -> torch.Tensor:
+    """The layer's hidden-state output (float32) on one batch [N, T, C] or a list of batches, concatenated."""
+    batches = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    outs = []
+    for x in batches:
+        y = layer(x, **layer_kwargs)
+        outs.append((y[0] if isinstance(y, tuple) else y).float())
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def alpha_errors(
+    layer: nn.Module,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    layer_kwargs: Mapping[str, Any],
+    act_absmax: Mapping[str, torch.Tensor],
+    quantize_fn: Callable[[nn.Module], nn.Module | None],
+    grid: Sequence[float] = ALPHA_GRID,
+    prefix: str = "",
+) -> dict[float, float]:
+    """MSE of the smoothed, quantized block output against the float block output, for each alpha."""
+    Y = block_output(layer, inputs, layer_kwargs)
+    errors: dict[float, float] = {}
+    for alpha in grid:
+        trial = copy.deepcopy(layer)
+        smooth_decoder_layer(trial, act_absmax, alpha, prefix)
+        q = quantize_fn(trial)
+        trial = trial if q is None else q
+        errors[float(alpha)] = (block_output(trial, inputs, layer_kwargs) - Y).pow(2).mean().item()
+    return errors
+
+
+def search_alpha(
+    layer: nn.Module,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    layer_kwargs: Mapping[str, Any],
+    act_absmax: Mapping[str, torch.Tensor],
+    quantize_fn: Callable[[nn.Module], nn.Module | None],
+    grid: Sequence[float] = ALPHA_GRID,
+    prefix: str = "",
+) -> float:
+    """The alpha of `grid` whose smoothed + quantize_fn'd block is closest to the float block.
+
+    quantize_fn gets a deep copy (smoothed) and may modify it in place or return a new module.
+    Ties go to the smaller alpha (less range moved into the weights).
+    """
+    for a in grid:
+        validate_alpha(a)
+    errors = alpha_errors(layer, inputs, layer_kwargs, act_absmax, quantize_fn, grid, prefix)
+    return min(errors, key=lambda a: (errors[a], a))

@@ -1,0 +1,1 @@
+"""quantmill's command line (thin: parses, calls flows or quant, prints)."""

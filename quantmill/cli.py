@@ -1,0 +1,138 @@
+"""`quantmill quantize ...` and `quantmill recipes`: parse, call the flow, print one table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from typing import Any, Optional
+
+import typer
+
+from quant.errors import QuantmillError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training quantization of causal LMs, as a cached pipeline.")
+
+
+class _QuietConsole(logging.Filter):
+    """Without --debug the CLI reports errors itself, on one line: drop tracebacks and error records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR and not record.exc_info
+
+
+def _quiet_prefect_console() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in [logging.getLogger()] + [logging.getLogger(n) for n in logging.root.manager.loggerDict]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(_QuietConsole())
+
+
+def _fail(err: BaseException, debug: bool) -> None:
+    if debug:
+        raise err
+    typer.echo(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", err=True)
+    raise typer.Exit(2)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    fp = summary["reference"]
+    header = ["recipe", "ppl", "ppl ratio", "KL", "top-1 agree", "size MB", "bits/w", "quant s", "eval s", "MLflow URI"]
+    rows = [["float (reference)", _fmt(fp["ppl"], ".3f"), "1.0000", "-", "-", _fmt(fp["size_mb"], ".1f"), "32", "-", _fmt(fp["seconds"], ".1f"), "-"]]
+    for r in summary["rows"]:
+        rows.append([
+            r["recipe"], _fmt(r["ppl"], ".3f"), _fmt(r["ppl_ratio"], ".4f"), _fmt(r["kl"], ".4f"), _fmt(r["top1_agreement"], ".4f"),
+            _fmt(r["size_mb"], ".1f"), _fmt(r["bits_per_weight"], ".2f"), _fmt(r["quantize_seconds"], ".1f"), _fmt(r["seconds"], ".1f"), r.get("uri") or "-",
+        ])
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    line = lambda row: "  ".join(str(c).ljust(w) if i == 0 or i == len(row) - 1 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+@app.command()
+def quantize(
+    model: str = typer.Option("demo", "--model", "-m", help="demo | hf:ORG/NAME[@REV] | DIR | FILE.gguf | models:/NAME@ALIAS"),
+    recipe: list[str] = typer.Option(None, "--recipe", "-r", help="built-in recipe name or YAML file (repeatable)"),
+    calib: str = typer.Option("stdlib:calib", "--calib", help="calibration dataset spec"),
+    calib_samples: int = typer.Option(64, "--calib-samples", help="N calibration samples"),
+    seq_len: int = typer.Option(512, "--seq-len", help="L tokens per calibration sample and eval window"),
+    seed: int = typer.Option(0, "--seed"),
+    eval_spec: str = typer.Option("stdlib:eval", "--eval", help="evaluation dataset spec"),
+    eval_windows: int = typer.Option(32, "--eval-windows", help="K evaluation windows"),
+    register: Optional[str] = typer.Option(None, "--register", help="register results in MLflow under NAME-RECIPE"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle (.bin) weights you trust"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when present)"),
+    as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Quantize MODEL with each RECIPE, evaluate against the original, optionally register."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    warnings.filterwarnings("ignore")
+    try:
+        from quant.calibration import parse_spec
+        from quant.recipe import load_recipe
+        from quant.sources import parse_source
+
+        # Validate everything the user typed before starting a flow run.
+        parse_source(model)
+        parse_spec(calib)
+        parse_spec(eval_spec)
+        recipes = recipe or ["w8a16-rtn", "w4a16-rtn-g64"]
+        for r in recipes:
+            load_recipe(r)
+        from flows.quantize import quantize_flow
+        from tasks.calibrate import CalibrationSpec, EvaluationSpec
+
+        if not debug:
+            _quiet_prefect_console()
+        start = time.perf_counter()
+        summary = quantize_flow(
+            model=model,
+            recipes=recipes,
+            calibration=CalibrationSpec(dataset=calib, samples=calib_samples, seq_len=seq_len, seed=seed),
+            evaluation=EvaluationSpec(dataset=eval_spec, windows=eval_windows, seq_len=seq_len),
+            register_as=register,
+            allow_pickle=allow_pickle,
+            device=device,
+        )
+        summary["wall_seconds"] = time.perf_counter() - start
+    except QuantmillError as err:
+        _fail(err, debug)
+    except Exception as err:  # an unexpected failure: still one line unless --debug
+        _fail(RuntimeError(f"{type(err).__name__}: {err}"), debug)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1, default=str))
+        return
+    cached = sum(s["cached"] for s in summary["stages"])
+    typer.echo("")
+    for s in summary["stages"]:
+        typer.echo(f"  {s['stage']:<28} {'cached  ' if s['cached'] else 'computed'} {str(s['key'])[:16]}")
+    typer.echo(f"\n{model}: float perplexity {summary['reference']['ppl']:.3f}; {cached}/{len(summary['stages'])} stages cached; {summary['wall_seconds']:.1f} s\n")
+    typer.echo(results_table(summary))
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes."""
+    from quant.recipe import builtin_recipes, load_recipe
+
+    for name in builtin_recipes():
+        r = load_recipe(name)
+        typer.echo(f"{name:<24} {r.method:<12} {r.description}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

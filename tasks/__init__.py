@@ -1,0 +1,1 @@
+"""Prefect tasks: one pipeline stage each, reading and writing the stage store."""

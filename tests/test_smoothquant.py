@@ -1,0 +1,220 @@
+"""SmoothQuant: exact folding, outlier migration, alpha search, user errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from quant.errors import RecipeError
+from quant.smoothquant import (
+    ALPHA_GRID,
+    FakeW8A8Linear,
+    alpha_errors,
+    apply_fake_w8a8,
+    fold_smoothing,
+    gqa_column_index,
+    search_alpha,
+    smooth_decoder_layer,
+    smoothing_scales,
+    weight_absmax,
+)
+
+OUTLIER_CHANNELS = [3, 17, 40]
+
+
+def tiny_model_with_outliers(seed: int = 0) -> LlamaForCausalLM:
+    """Tiny GQA Llama (4 heads, 2 KV heads) whose norms produce a few ~50x activation channels."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[OUTLIER_CHANNELS] *= 50.0
+            layer.post_attention_layernorm.weight[OUTLIER_CHANNELS[:2]] *= 50.0
+    return model
+
+
+def collect_act_absmax(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """max|X_j| of every Linear's input over the tokens of `ids`, keyed by full module name."""
+    stats: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            def hook(m, args, out, name=name):
+                a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
+                stats[name] = torch.maximum(stats[name], a) if name in stats else a
+            hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return stats
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_block_inputs(model: LlamaForCausalLM, ids: torch.Tensor, i: int) -> tuple[torch.Tensor, dict]:
+    """Hidden states and keyword arguments the model passes to decoder layer i."""
+    got: dict = {}
+
+    def pre_hook(mod, args, kwargs):
+        got["x"] = (args[0] if args else kwargs.pop("hidden_states")).detach()
+        got["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    h = model.model.layers[i].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(ids, use_cache=False)  # no KV cache in the kwargs: re-running the layer must not grow it
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return got["x"], got["kw"]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.85])
+def test_smoothing_every_layer_leaves_float_logits_unchanged(alpha: float) -> None:
+    model = tiny_model_with_outliers()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    stats = collect_act_absmax(model, ids)
+    with torch.no_grad():
+        before = model(ids).logits
+    v_before = model.model.layers[0].self_attn.v_proj.weight.detach().clone()
+    for i, layer in enumerate(model.model.layers):
+        smooth_decoder_layer(layer, stats, alpha, prefix=f"model.layers.{i}")
+    with torch.no_grad():
+        after = model(ids).logits
+    assert not torch.equal(v_before, model.model.layers[0].self_attn.v_proj.weight)  # v -> o was folded (GQA)
+    assert rel_err(after, before) < 1e-4
+
+
+def test_v_o_smoothing_is_exact_with_gqa_and_stats_keyed_relative_to_the_layer() -> None:
+    model = tiny_model_with_outliers()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    stats = collect_act_absmax(model, ids)
+    rel = {k.removeprefix("model.layers.1."): v for k, v in stats.items() if k.startswith("model.layers.1.")}
+    x, kw = capture_block_inputs(model, ids, 1)
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        y0 = layer(x, **kw)
+        s = smooth_decoder_layer(layer, rel, 1.0)
+        y1 = layer(x, **kw)
+    assert s["self_attn.v_proj"].shape == (2 * 16,)  # one scale per v row (num_kv_heads * head_dim)
+    assert rel_err(y1, y0) < 1e-4
+
+
+def test_gqa_column_index_repeats_kv_rows_over_their_heads() -> None:
+    # 4 heads, 2 KV heads, head_dim 2: heads 0,1 read KV head 0 (rows 0,1), heads 2,3 read rows 2,3.
+    assert gqa_column_index(4, 2, 2).tolist() == [0, 1, 0, 1, 2, 3, 2, 3]
+    assert gqa_column_index(2, 2, 3).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_smoothing_scales_formula_and_clamps() -> None:
+    X = torch.tensor([4.0, 1.0, 0.0, 9.0])
+    W = torch.tensor([1.0, 4.0, 2.0, 0.0])
+    s = smoothing_scales(X, W, 0.5)
+    assert torch.allclose(s[:2], torch.tensor([2.0, 0.5]))  # sqrt(4)/sqrt(1), sqrt(1)/sqrt(4)
+    assert s[2:].tolist() == [1.0, 1.0]  # dead channel or zero weight: nothing to balance
+    assert torch.allclose(smoothing_scales(X[:2], W[:2], 0.0), 1.0 / W[:2])
+    assert torch.allclose(smoothing_scales(X[:2], W[:2], 1.0), X[:2])
+
+
+def test_smoothquant_cuts_static_w8a8_error_on_outlier_channels() -> None:
+    """Per-tensor static int8 X, per-channel int8 W: outliers crush the ordinary channels; smoothing fixes it."""
+    torch.manual_seed(0)
+    C = 64
+    norm = nn.RMSNorm(C, eps=1e-6)
+    with torch.no_grad():
+        norm.weight[OUTLIER_CHANNELS] = 50.0
+    linear = nn.Linear(C, 128)
+    # Enough calibration tokens that the static scale covers the test range (no clipping).
+    X_cal, X_test = torch.randn(4096, C), torch.randn(256, C)
+    with torch.no_grad():
+        Y = linear(norm(X_test))
+
+        h_cal = norm(X_cal)
+        naive = FakeW8A8Linear(linear, "tensor", act_scale=h_cal.abs().max() / 127)
+        err_naive = (naive(norm(X_test)) - Y).pow(2).mean().item()
+
+        norm_s, linear_s = copy.deepcopy(norm), copy.deepcopy(linear)
+        s = smoothing_scales(h_cal.abs().amax(dim=0), weight_absmax([linear_s]), alpha=0.5)
+        fold_smoothing(norm_s, [linear_s], s, name="norm")
+        assert rel_err(linear_s(norm_s(X_test)), Y) < 1e-5  # the fold is exact in float
+        smoothed = FakeW8A8Linear(linear_s, "tensor", act_scale=norm_s(X_cal).abs().max() / 127)
+        err_smooth = (smoothed(norm_s(X_test)) - Y).pow(2).mean().item()
+
+    factor = err_naive / err_smooth
+    print(f"\nSmoothQuant alpha=0.5, static per-tensor W8A8: MSE naive {err_naive:.3e}, "
+          f"smoothed {err_smooth:.3e}, reduction {factor:.1f}x")
+    assert factor > 5
+
+
+def test_search_alpha_beats_no_smoothing_on_a_decoder_layer() -> None:
+    model = tiny_model_with_outliers()
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
+    stats = collect_act_absmax(model, ids)
+    x, kw = capture_block_inputs(model, ids, 0)
+    layer = model.model.layers[0]
+    grid = (0.0, 0.25, 0.5, 0.75, 1.0)
+    errors = alpha_errors(layer, x, kw, stats, apply_fake_w8a8, grid, prefix="model.layers.0")
+    alpha = search_alpha(layer, x, kw, stats, apply_fake_w8a8, grid, prefix="model.layers.0")
+    print(f"\nblock output MSE per alpha: { {a: f'{e:.3e}' for a, e in errors.items()} }, chosen {alpha}")
+    assert alpha == min(errors, key=errors.get)
+    assert errors[alpha] < errors[0.0]
+    assert set(ALPHA_GRID) >= set(grid) and len(ALPHA_GRID) == 21
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan")])
+def test_alpha_outside_unit_interval_is_a_recipe_error(alpha: float) -> None:
+    with pytest.raises(RecipeError, match="alpha"):
+        smoothing_scales(torch.ones(4), torch.ones(4), alpha)
+    model = tiny_model_with_outliers()
+    with pytest.raises(RecipeError, match="alpha"):
+        smooth_decoder_layer(model.model.layers[0], {}, alpha)
+
+
+def test_unfoldable_norm_is_a_recipe_error_naming_the_module() -> None:
+    model = tiny_model_with_outliers()
+    stats = collect_act_absmax(model, torch.randint(0, 256, (1, 8)))
+    layer = model.model.layers[0]
+    layer.input_layernorm = nn.Identity()
+    with pytest.raises(RecipeError, match=r"^model\.layers\.0\.input_layernorm: cannot fold smoothing into Identity$"):
+        smooth_decoder_layer(layer, stats, 0.5, prefix="model.layers.0")
+
+    layer = model.model.layers[1]
+    del layer.mlp.gate_proj
+    with pytest.raises(RecipeError, match=r"model\.layers\.1\.mlp\.gate_proj"):
+        smooth_decoder_layer(layer, stats, 0.5, prefix="model.layers.1")
+
+
+def test_fold_handles_layernorm_bias_and_gemma_style_unit_offset_norms() -> None:
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    s = torch.rand(16) * 4 + 0.25
+    for norm in (nn.LayerNorm(16), GemmaRMSNorm(16)):
+        with torch.no_grad():
+            norm.weight.normal_()
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.normal_()
+        lin = nn.Linear(16, 8)
+        with torch.no_grad():
+            y0 = lin(norm(x))
+            fold_smoothing(norm, [lin], s, name=type(norm).__name__)
+            y1 = lin(norm(x))
+        assert rel_err(y1, y0) < 1e-5, type(norm).__name__
