@@ -6,10 +6,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
 
 from quant.calibration import parse_spec
 from quant.recipe import load_recipe
-from quant.sources import parse_source
+from quant.sources import validate_source
 from tasks.calibrate import CalibrationSpec, EvaluationSpec, capture_calibration
 from tasks.evaluate import evaluate
 from tasks.quantize import quantize
@@ -20,11 +21,11 @@ from tasks.stats import collect_stats
 DEFAULT_RECIPES = ["w8a16-rtn", "w4a16-rtn-g64"]
 
 
-def _run(task, *args: Any, **kwargs: Any) -> tuple[dict[str, Any], bool]:
+def _run(task, *args: Any, **kwargs: Any) -> tuple[dict[str, Any], bool, str]:
     """Run a task; report whether it was served from cache (Prefect's or the store's)."""
     state = task(*args, return_state=True, **kwargs)
     result = state.result()
-    return result, state.name == "Cached" or bool(result.get("reused"))
+    return result, state.name == "Cached" or bool(result.get("reused")), state.name
 
 
 @flow(name="quantize", log_prints=True)
@@ -39,7 +40,7 @@ def quantize_flow(
 ) -> dict[str, Any]:
     """Quantize one model with several recipes; shared stages run once, every stage is cached."""
     logger = get_run_logger()
-    parse_source(model)
+    validate_source(model, allow_pickle)
     parse_spec(calibration.dataset)
     parse_spec(evaluation.dataset)
     plans = [load_recipe(r) for r in recipes]  # every recipe validated before any work starts
@@ -47,9 +48,9 @@ def quantize_flow(
     stages: list[dict[str, Any]] = []
 
     def run(label: str, task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        result, cached = _run(task, *args, **kwargs)
-        stages.append({"stage": label, "key": result.get("key"), "cached": cached})
-        logger.info(f"{label}: {'cached' if cached else 'computed'} key {str(result.get('key'))[:12]}")
+        result, cached, state = _run(task, *args, **kwargs)
+        stages.append({"stage": label, "key": result.get("key") or result.get("uri"), "cached": cached, "prefect_state": state})
+        logger.info(f"{label}: {'cached' if cached else 'computed'} {result.get('key') or result.get('uri')}")
         return result
 
     resolved = run("resolve_model", resolve_model, model, allow_pickle)
@@ -71,6 +72,7 @@ def quantize_flow(
     summary = {
         "model": model,
         "model_key": resolved["key"],
+        "flow_run_id": str(flow_run.get_id()),
         "reference": {"ppl": fp["ppl"], "size_mb": fp["size_mb"], "seconds": fp["seconds"]},
         "rows": rows,
         "stages": stages,

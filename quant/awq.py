@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quant.errors import RecipeError
@@ -206,6 +205,8 @@ def apply_awq_to_layer(
         return f"{prefix}.{n}" if prefix else n
 
     groups = [(mlp_norm_name(layer) if p == "post_attention_layernorm" else p, kind, cons) for p, kind, cons in AWQ_GROUPS]
+    for n in LINEARS:  # refuse before any fold, so a bad scheme leaves the layer untouched
+        _check_scheme([get_submodule(layer, n, prefix)], bits, group_size, where(n))
     feats = capture_linear_inputs(layer, [cons[0] for _, _, cons in groups], block_inputs, layer_kwargs, prefix)
     report: dict[str, Any] = {"scales": {}, "clip": {}}
     for producer, kind, cons in groups:

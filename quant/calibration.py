@@ -11,6 +11,7 @@ A dataset spec names where the text comes from:
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import sysconfig
@@ -40,7 +41,7 @@ class DatasetSpec:
 
 def parse_spec(spec: str) -> DatasetSpec:
     """Parse a dataset spec string; unknown forms are a one-line error."""
-    if spec.startswith("stdlib"):
+    if spec == "stdlib" or spec.startswith("stdlib:"):
         part = spec.partition(":")[2] or "calib"
         if part not in STDLIB_PARTS:
             raise DatasetError(f"unknown stdlib part {part!r} in dataset spec {spec!r} (use stdlib:calib or stdlib:eval)")
@@ -92,7 +93,9 @@ def stdlib_part(path: Path) -> str:
     return "eval" if digest[0] % 2 else "calib"
 
 
+@functools.lru_cache(maxsize=2)
 def stdlib_text(part: str) -> str:
+    """The docstrings of one part, module after module (parsed once per process)."""
     texts = (_module_docstrings(p) for p in stdlib_modules() if stdlib_part(p) == part)
     return "\n\n".join(t for t in texts if t)
 
@@ -159,6 +162,20 @@ def pack_samples(tokens: torch.Tensor, n: int, length: int, seed: int, what: str
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(windows, generator=generator)[:n].sort().values
     return torch.stack([tokens[i * length : (i + 1) * length] for i in chosen.tolist()])
+
+
+def tokenize_prefix(tokenizer, text: str, n_tokens: int) -> torch.Tensor:
+    """The first n_tokens (at least) of the text's token stream, tokenizing only as much text as needed.
+
+    A prefix is tokenized with a margin and grown until it yields n_tokens + 64 tokens, so the cut
+    never changes the tokens kept (a boundary effect reaches back a token or two, not 64).
+    """
+    chars = max(n_tokens * 6, 4096)
+    while True:
+        ids = tokenize(tokenizer, text[:chars])
+        if ids.numel() >= n_tokens + 64 or chars >= len(text):
+            return ids
+        chars *= 2
 
 
 def first_windows(tokens: torch.Tensor, k: int, length: int, what: str = "text") -> torch.Tensor:

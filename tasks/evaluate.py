@@ -8,7 +8,7 @@ from typing import Any
 
 from prefect import task
 
-from quant.calibration import first_windows, load_text, parse_spec, tokenize
+from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
 from quant.checkpoint import load_quantized, size_report
 from quant.evaluate import evaluate_windows
 from quant.hashing import sha256_text
@@ -47,7 +47,7 @@ def evaluate(model: dict[str, Any], spec: EvaluationSpec, quantized: dict[str, A
         src = checkpoint_dir(model)
         dev = pick_device(device)
         text = load_text(parse_spec(spec.dataset))
-        windows = first_windows(tokenize(load_tokenizer(src), text), spec.windows, spec.seq_len, what=f"evaluation text {spec.dataset}")
+        windows = first_windows(tokenize_prefix(load_tokenizer(src), text, spec.windows * spec.seq_len), spec.windows, spec.seq_len, what=f"evaluation text {spec.dataset}")
         reference = load_model(src).to(dev)
         progress = Progress(f"evaluate {what}: windows done")
         if quantized is None:

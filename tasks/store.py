@@ -126,10 +126,20 @@ class Store:
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         _fsync_tree(tmp)
         final = self.path(stage, key)
-        if final.exists():  # another run finished first: its entry is as good as ours
+        existing = self.get(stage, key)
+        if existing is not None:  # another run finished first: its entry is as good as ours
             shutil.rmtree(tmp, ignore_errors=True)
-        else:
+            return existing
+        if final.exists():  # a folder without a manifest is not an entry: replace it
+            shutil.rmtree(final)
+        try:
             os.replace(tmp, final)
+        except OSError:  # a concurrent run renamed its entry into place between our checks
+            shutil.rmtree(tmp, ignore_errors=True)
+            winner = self.get(stage, key)
+            if winner is None:
+                raise
+            return winner
         return Entry(stage, key, final, manifest)
 
     def discard(self, tmp: Path) -> None:

@@ -170,5 +170,8 @@ def test_group_size_that_does_not_divide_is_a_recipe_error() -> None:
     model = tiny_model_with_salient_channels()
     ids = torch.randint(0, 256, (1, 8))
     x, kw = capture_block_inputs(model, ids, 0)
+    before = copy.deepcopy(model.model.layers[0].state_dict())
     with pytest.raises(RecipeError, match=r"model\.layers\.0\.self_attn\.q_proj: group_size 48 does not divide"):
         apply_awq_to_layer(model.model.layers[0], x, kw, BITS, 48, symmetric=False, prefix="model.layers.0")
+    after = model.model.layers[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # refused before the first fold

@@ -197,8 +197,10 @@ def test_unfoldable_norm_is_a_recipe_error_naming_the_module() -> None:
 
     layer = model.model.layers[1]
     del layer.mlp.gate_proj
+    w = layer.input_layernorm.weight.detach().clone()
     with pytest.raises(RecipeError, match=r"model\.layers\.1\.mlp\.gate_proj"):
         smooth_decoder_layer(layer, stats, 0.5, prefix="model.layers.1")
+    assert torch.equal(layer.input_layernorm.weight, w)  # refused before the first fold
 
 
 def test_fold_handles_layernorm_bias_and_gemma_style_unit_offset_norms() -> None:

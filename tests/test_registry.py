@@ -1,0 +1,132 @@
+"""Registration in a real MLflow backend: a SQLite store, and a real `mlflow server` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.quantize import quantize_flow
+from quant.checkpoint import load_quantized
+from tasks.calibrate import CalibrationSpec, EvaluationSpec
+
+SMALL = dict(calibration=CalibrationSpec(samples=8, seq_len=64), evaluation=EvaluationSpec(windows=2, seq_len=64))
+
+
+def _client():
+    from tasks.registry import client
+
+    return client()
+
+
+def _check_registered(out: dict, name: str) -> None:
+    row = out["rows"][0]
+    model_name = f"{name}-{row['recipe']}"
+    assert row["uri"] == f"models:/{model_name}/1"
+    c = _client()
+    version = c.get_model_version_by_alias(model_name, "candidate")
+    assert str(version.version) == "1"
+    tags = version.tags
+    assert tags["quantmill.quantized_key"] == row["quantized_key"]
+    assert tags["quantmill.key.resolve_model"] == out["model_key"]
+    assert tags["quantmill.prefect_flow_run_id"] == out["flow_run_id"]
+    assert tags["quantmill.file.model.safetensors"]
+    run = c.get_run(version.run_id)
+    assert run.data.metrics["ppl"] == pytest.approx(row["ppl"])
+    assert "recipe.weights.bits" in run.data.params
+
+
+def _fetch_and_compare(model_name: str, row: dict, tmp_path: Path) -> None:
+    """What a serving team does: download by alias, load with transformers; same logits as quantmill."""
+    import mlflow
+    from transformers import AutoModelForCausalLM
+
+    from tasks.registry import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}@candidate", dst_path=str(tmp_path / "fetched"))
+    served = AutoModelForCausalLM.from_pretrained(local).eval()
+    ours = load_quantized(row["checkpoint"])
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (served(ids).logits - ours(ids).logits).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_register_on_sqlite_never_overwrites(prefect_api, tiny_model, home, tmp_path):
+    out = quantize_flow(model=str(tiny_model), recipes=["w4a16-rtn-g64"], register_as="tiny", **SMALL)
+    _check_registered(out, "tiny")
+    again = quantize_flow(model=str(tiny_model), recipes=["w4a16-rtn-g64"], register_as="tiny", **SMALL)
+    assert again["rows"][0]["uri"] == out["rows"][0]["uri"]
+    versions = _client().search_model_versions("name='tiny-w4a16-rtn-g64'")
+    assert len(versions) == 1
+    assert (home / "mlflow" / "mlflow.db").is_file()
+    _fetch_and_compare("tiny-w4a16-rtn-g64", out["rows"][0], tmp_path)
+
+
+def test_models_uri_source_resolves_the_registered_version(prefect_api, tiny_model, home):
+    from tasks.resolve import resolve_model, source_identity
+
+    quantize_flow(model=str(tiny_model), recipes=["w8a16-rtn"], register_as="tiny", **SMALL)
+    identity = source_identity("models:/tiny-w8a16-rtn@candidate")
+    assert identity == {"kind": "mlflow", "uri": "models:/tiny-w8a16-rtn/1"}
+    entry = resolve_model.fn("models:/tiny-w8a16-rtn@candidate")
+    assert Path(entry["path"], "checkpoint", "quantmill.json").is_file()
+    assert entry["manifest"]["resolved_revision"] == "models:/tiny-w8a16-rtn/1"
+
+
+def test_unknown_models_uri_is_a_one_line_error(home):
+    from quant.errors import SourceError
+    from tasks.resolve import source_identity
+
+    with pytest.raises(SourceError, match="cannot resolve models:/nope@candidate"):
+        source_identity("models:/nope@candidate")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def test_register_on_a_real_mlflow_server(prefect_api, tiny_model, home, tmp_path, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    out = quantize_flow(model=str(tiny_model), recipes=["w8a16-rtn"], register_as="served", **SMALL)
+    _check_registered(out, "served")
+    assert not (home / "mlflow").exists()  # everything went to the server
+    _fetch_and_compare("served-w8a16-rtn", out["rows"][0], tmp_path)

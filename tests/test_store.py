@@ -1,0 +1,226 @@
+"""The stage store: content-addressed keys, atomic entries, and what a killed run leaves behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quant.errors import DatasetError, QuantmillError
+from tasks import store as store_module
+from tasks.store import MANIFEST, STAGE_VERSIONS, Store, stage_key
+
+STAGE = "collect_stats"
+KEY = stage_key(STAGE, {"batch_size": 8}, {"model": "m" * 64, "calibration": "c" * 64})
+OTHER_KEY = stage_key(STAGE, {"batch_size": 4}, {"model": "m" * 64, "calibration": "c" * 64})
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> Store:
+    root = tmp_path / "home"
+    monkeypatch.setenv("QUANTMILL_HOME", str(root))
+    return Store()
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has already exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert proc.wait() == 0
+    return proc.pid
+
+
+def _tmps(store: Store, stage: str = STAGE) -> list[Path]:
+    return sorted((store.root / stage).glob(".tmp-*"))
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def test_store_root_is_quantmill_home(store, tmp_path) -> None:
+    assert store.root == tmp_path / "home"
+    assert store.path(STAGE, KEY) == tmp_path / "home" / STAGE / KEY
+
+
+def test_stage_key_is_a_sha256_independent_of_dict_order() -> None:
+    a = stage_key(STAGE, {"batch_size": 8, "nbins": 4096}, {"model": "a", "calibration": "b"})
+    b = stage_key(STAGE, {"nbins": 4096, "batch_size": 8}, {"calibration": "b", "model": "a"})
+    assert a == b
+    assert len(a) == 64 and int(a, 16) >= 0
+
+
+def test_stage_key_changes_with_params_inputs_and_stage() -> None:
+    base = stage_key(STAGE, {"batch_size": 8}, {"model": "a"})
+    assert stage_key(STAGE, {"batch_size": 4}, {"model": "a"}) != base
+    assert stage_key(STAGE, {"batch_size": 8, "extra": None}, {"model": "a"}) != base
+    assert stage_key(STAGE, {"batch_size": 8}, {"model": "b"}) != base
+    assert stage_key(STAGE, {"batch_size": 8}, {"model": "a", "calibration": "c"}) != base
+    assert stage_key("quantize", {"batch_size": 8}, {"model": "a"}) != base
+
+
+def test_no_inputs_and_empty_inputs_give_the_same_key() -> None:
+    assert stage_key("resolve_model", {"source": "demo"}) == stage_key("resolve_model", {"source": "demo"}, {})
+
+
+def test_bumping_a_stage_version_changes_its_keys_only(monkeypatch) -> None:
+    before = stage_key(STAGE, {"batch_size": 8}, {"model": "a"})
+    other_before = stage_key("quantize", {"recipe": "r"}, {"model": "a"})
+    monkeypatch.setitem(STAGE_VERSIONS, STAGE, STAGE_VERSIONS[STAGE] + ".1")
+    assert stage_key(STAGE, {"batch_size": 8}, {"model": "a"}) != before
+    assert stage_key("quantize", {"recipe": "r"}, {"model": "a"}) == other_before
+
+
+def test_every_stage_has_a_version() -> None:
+    assert set(STAGE_VERSIONS) >= {"resolve_model", "capture_calibration", "collect_stats", "quantize", "evaluate"}
+
+
+# --------------------------------------------------------------------------- entries
+
+
+def test_build_and_commit_make_an_entry_whose_manifest_is_written_last(store) -> None:
+    assert store.get(STAGE, KEY) is None
+    with store.build(STAGE, KEY) as tmp:
+        assert tmp.parent == store.root / STAGE and tmp.name.startswith(f".tmp-{KEY}-")
+        (tmp / "stats.safetensors").write_bytes(b"payload")
+        (tmp / "partial").mkdir()
+        (tmp / "partial" / "block-0000.json").write_text("{}")
+        assert store.get(STAGE, KEY) is None  # nothing visible before the commit
+        entry = store.commit(tmp, STAGE, KEY, {"summary": {"modules": 3}})
+    assert entry.path == store.path(STAGE, KEY)
+    assert not tmp.exists() and _tmps(store) == []
+    on_disk = json.loads((entry.path / MANIFEST).read_text())
+    assert on_disk["stage"] == STAGE and on_disk["key"] == KEY and on_disk["summary"] == {"modules": 3}
+    assert "created" in on_disk
+    assert (entry.path / "stats.safetensors").read_bytes() == b"payload"
+    assert not (entry.path / "partial").exists()  # per-layer scratch is not part of the entry
+    got = store.get(STAGE, KEY)
+    assert got is not None
+    assert (got.stage, got.key, got.path) == (STAGE, KEY, entry.path)
+    assert got.manifest == on_disk == entry.manifest
+
+
+def test_a_folder_without_manifest_is_not_an_entry(store) -> None:
+    folder = store.path(STAGE, KEY)
+    folder.mkdir(parents=True)
+    (folder / "stats.safetensors").write_bytes(b"half-written")
+    assert store.get(STAGE, KEY) is None
+
+
+def test_a_quantmill_error_inside_build_leaves_no_tmp_folder(store) -> None:
+    with pytest.raises(DatasetError, match="too short"):
+        with store.build(STAGE, KEY) as tmp:
+            (tmp / "partial").mkdir()
+            (tmp / "partial" / "block-0000.json").write_text("{}")
+            raise DatasetError("text too short")
+    assert not tmp.exists()
+    assert _tmps(store) == []
+    assert store.get(STAGE, KEY) is None
+
+
+def test_another_error_inside_build_keeps_the_tmp_folder_for_a_resume(store) -> None:
+    with pytest.raises(RuntimeError):
+        with store.build(STAGE, KEY) as tmp:
+            (tmp / "partial").mkdir()
+            (tmp / "partial" / "block-0000.json").write_text("{}")
+            raise RuntimeError("out of memory")
+    assert (tmp / "partial" / "block-0000.json").is_file()
+    assert store.get(STAGE, KEY) is None
+    # The same process resumes from its own folder.
+    with store.build(STAGE, KEY) as again:
+        assert again == tmp
+        assert (again / "partial" / "block-0000.json").read_text() == "{}"
+        store.discard(again)
+
+
+def test_quantmill_error_is_the_base_of_user_errors() -> None:
+    assert issubclass(DatasetError, QuantmillError)
+
+
+def test_stale_tmp_of_the_same_key_is_adopted_and_others_removed(store) -> None:
+    dead = _dead_pid()
+    assert not store_module._pid_alive(dead)
+    stage_dir = store.root / STAGE
+    mine = stage_dir / f".tmp-{KEY}-{dead}"
+    (mine / "partial").mkdir(parents=True)
+    (mine / "partial" / "block-0000.safetensors").write_bytes(b"block 0")
+    (mine / "partial" / "progress.json").write_text('{"done": 0}')
+    theirs = stage_dir / f".tmp-{OTHER_KEY}-{dead}"
+    (theirs / "partial").mkdir(parents=True)
+    (theirs / "partial" / "progress.json").write_text('{"done": 5}')
+
+    with store.build(STAGE, KEY) as tmp:
+        assert tmp != mine
+        assert (tmp / "partial" / "block-0000.safetensors").read_bytes() == b"block 0"
+        assert json.loads((tmp / "partial" / "progress.json").read_text()) == {"done": 0}
+        assert not mine.exists()
+        assert not theirs.exists()
+        assert _tmps(store) == [tmp]
+        store.commit(tmp, STAGE, KEY, {})
+    assert _tmps(store) == []
+
+
+def test_tmp_folder_of_a_live_process_is_left_alone(store) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        stage_dir = store.root / STAGE
+        same = stage_dir / f".tmp-{KEY}-{sleeper.pid}"
+        other = stage_dir / f".tmp-{OTHER_KEY}-{sleeper.pid}"
+        for folder in (same, other):
+            (folder / "partial").mkdir(parents=True)
+            (folder / "partial" / "progress.json").write_text('{"done": 1}')
+        with store.build(STAGE, KEY) as tmp:
+            assert tmp not in (same, other)
+            assert not (tmp / "partial").exists()  # a live run's work is not taken over
+            assert (same / "partial" / "progress.json").is_file()
+            assert (other / "partial" / "progress.json").is_file()
+            store.commit(tmp, STAGE, KEY, {})
+        assert same.is_dir() and other.is_dir()
+        assert store.get(STAGE, KEY) is not None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_folder_that_is_not_a_tmp_is_never_touched(store) -> None:
+    stage_dir = store.root / STAGE
+    odd = stage_dir / ".tmp-no-pid-here"
+    odd.mkdir(parents=True)
+    with store.build(STAGE, KEY) as tmp:
+        store.commit(tmp, STAGE, KEY, {})
+    assert odd.is_dir()
+
+
+def test_commit_when_the_entry_exists_keeps_the_existing_one(store) -> None:
+    with store.build(STAGE, KEY) as tmp:
+        (tmp / "result.txt").write_text("first")
+        store.commit(tmp, STAGE, KEY, {"run": 1})
+    with store.build(STAGE, KEY) as tmp2:
+        (tmp2 / "result.txt").write_text("second")
+        store.commit(tmp2, STAGE, KEY, {"run": 2})
+    assert not tmp2.exists() and _tmps(store) == []
+    got = store.get(STAGE, KEY)
+    assert got is not None
+    assert got.manifest["run"] == 1
+    assert (got.path / "result.txt").read_text() == "first"
+
+
+def test_commit_when_the_entry_exists_returns_the_kept_manifest(store) -> None:
+    with store.build(STAGE, KEY) as tmp:
+        store.commit(tmp, STAGE, KEY, {"run": 1})
+    with store.build(STAGE, KEY) as tmp2:
+        entry = store.commit(tmp2, STAGE, KEY, {"run": 2})
+    assert entry.manifest == store.get(STAGE, KEY).manifest
+
+
+def test_commit_over_a_folder_without_manifest_makes_a_real_entry(store) -> None:
+    leftover = store.path(STAGE, KEY)
+    leftover.mkdir(parents=True)
+    (leftover / "stats.safetensors").write_bytes(b"half-written")
+    with store.build(STAGE, KEY) as tmp:
+        (tmp / "stats.safetensors").write_bytes(b"complete")
+        store.commit(tmp, STAGE, KEY, {"run": 1})
+    got = store.get(STAGE, KEY)
+    assert got is not None and got.manifest["run"] == 1
+    assert (got.path / "stats.safetensors").read_bytes() == b"complete"
