@@ -99,6 +99,7 @@ def save_quantized(
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
 
+    _quiet_compressed_tensors()
     fmt = checkpoint_format(recipe)
     modules = dict(model.named_modules())
     for name, qw in weights.items():
@@ -127,6 +128,17 @@ def save_quantized(
                 shutil.copy2(tokenizer_dir / fname, dst / fname)
     (dst / RECIPE_FILE).write_text(recipe.to_yaml())
     (dst / LINEAGE_FILE).write_text(json.dumps({**lineage, "format": fmt}, indent=2, sort_keys=True, default=str))
+
+
+def _quiet_compressed_tensors() -> None:
+    """compressed-tensors logs (through loguru) a warning per module when the format is chosen
+    explicitly, as quantmill does for asymmetric weights; the choice is deliberate (see above)."""
+    try:
+        from loguru import logger
+
+        logger.disable("compressed_tensors")
+    except ImportError:
+        pass
 
 
 def _group_size_of(scheme: dict[str, Any]) -> int | None:

@@ -112,6 +112,13 @@ def rtn(ctx: MethodContext) -> MethodResult:
     return MethodResult(weights, report)
 
 
+def _gptq(ctx: MethodContext) -> MethodResult:
+    from quant.gptq_walk import gptq  # gptq_walk imports this module: resolve at call time
+
+    return gptq(ctx)
+
+
 METHODS: dict[str, Callable[[MethodContext], MethodResult]] = {
     "rtn": rtn,
+    "gptq": _gptq,
 }

@@ -94,6 +94,9 @@ def quantize(
 
         if not debug:
             _quiet_prefect_console()
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # quantmill's own bars show the stages
         start = time.perf_counter()
         summary = quantize_flow(
             model=model,

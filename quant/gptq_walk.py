@@ -1,0 +1,167 @@
+"""GPTQ over a whole model: the sequential engine feeds each block's Linear inputs into Hessians,
+the solver in quant/gptq.py quantizes each Linear, and the quantized block produces the next
+block's inputs (so the error of earlier blocks is seen by later ones, as in the paper).
+
+Linears that read the same tensor (q/k/v; gate/up) share one Hessian. With `true_sequential`
+the groups of a block are quantized in forward order, each seeing the already-quantized ones.
+Per-block results go to the engine's partial folder, so a killed run resumes at the next block
+and ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from quant.arch import layout_of
+from quant.gptq import GPTQOptions, HessianAccumulator, gptq_quantize
+from quant.methods import MethodContext, MethodResult, is_ignored, layer_granularity, target_linears
+from quant.qparams import QuantizedWeight
+from quant.sequential import BlockInputs, run_sequential
+
+OPTION_KEYS = {"blocksize", "percdamp", "actorder", "static_groups", "true_sequential", "max_damp_tries"}
+
+
+def _input_groups(block: nn.Module, names: list[str], forward) -> list[list[str]]:
+    """The block's Linears grouped by the tensor they read, in forward order."""
+    order: list[list[str]] = []
+    last: dict[str, Any] = {"x": None}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if any(name in g for g in order):
+                return
+            if args[0] is last["x"] and order:
+                order[-1].append(name)
+            else:
+                order.append([name])
+            last["x"] = args[0]
+
+        return record
+
+    modules = dict(block.named_modules())
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        forward(first_batch_only=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _hessians(block: nn.Module, groups: list[list[str]], forward) -> dict[str, HessianAccumulator]:
+    """One Hessian per input group, fed by every calibration batch."""
+    modules = dict(block.named_modules())
+    hessians: dict[str, HessianAccumulator] = {}
+    handles = []
+    for group in groups:
+        acc = HessianAccumulator()
+        for name in group:
+            hessians[name] = acc
+        handles.append(modules[group[0]].register_forward_pre_hook(lambda m, args, acc=acc: acc.add_batch(args[0].reshape(-1, args[0].shape[-1]))))
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+    return hessians
+
+
+def _weight_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    out = {f"{name}.q": qw.q.to(torch.int8), f"{name}.scale": qw.scale, f"{name}.zero_point": qw.zero_point}
+    if qw.g_idx is not None:
+        out[f"{name}.g_idx"] = qw.g_idx
+    return out
+
+
+def _weight_from_tensors(name: str, t: dict[str, torch.Tensor], bits: int, group_size: int | None) -> QuantizedWeight:
+    return QuantizedWeight(
+        t[f"{name}.q"].to(torch.int32), t[f"{name}.scale"], t[f"{name}.zero_point"], bits,
+        group_size if f"{name}.g_idx" not in t else None, t.get(f"{name}.g_idx"),
+    )
+
+
+def gptq(ctx: MethodContext) -> MethodResult:
+    """GPTQ weight-only quantization (Frantar et al. 2022) of every targeted decoder Linear."""
+    from quant.errors import RecipeError
+
+    recipe = ctx.recipe
+    unknown = set(recipe.options) - OPTION_KEYS
+    if unknown:
+        raise RecipeError(f"recipe {recipe.name}: unknown gptq option(s) {sorted(unknown)} (known: {sorted(OPTION_KEYS)})")
+    plan = layer_granularity(recipe, target_linears(ctx.model, recipe))
+    prefix = layout_of(ctx.model).layers
+    true_sequential = bool(recipe.options.get("true_sequential", False))
+    bits = recipe.weights.bits
+
+    def options_for(full: str) -> GPTQOptions:
+        granularity, group_size = plan[full]
+        return GPTQOptions(
+            bits=bits,
+            symmetric=recipe.weights.symmetric,
+            group_size=group_size if granularity == "group" else None,
+            actorder=bool(recipe.options.get("actorder", False)),
+            static_groups=bool(recipe.options.get("static_groups", False)),
+            blocksize=int(recipe.options.get("blocksize", 128)),
+            percdamp=float(recipe.options.get("percdamp", 0.01)),
+            max_damp_tries=int(recipe.options.get("max_damp_tries", 5)),
+        )
+
+    def visit(index: int, block: nn.Module, inputs: BlockInputs, forward):
+        modules = dict(block.named_modules())
+        names = [n for n, m in modules.items() if isinstance(m, nn.Linear) and not is_ignored(f"{prefix}.{index}.{n}", recipe.ignore) and f"{prefix}.{index}.{n}" in plan]
+
+        def run(first_batch_only: bool = False):
+            if first_batch_only:
+                with torch.no_grad():
+                    block(inputs.hidden[0], **inputs.kwargs[0])
+                return None
+            return forward()
+
+        groups = _input_groups(block, names, run)
+        stages = [[n for g in groups for n in g]] if not true_sequential else groups
+        tensors: dict[str, torch.Tensor] = {}
+        report: list[dict[str, Any]] = []
+        for stage in stages:
+            hessians = _hessians(block, [g for g in groups if g[0] in stage], run)
+            for name in stage:
+                full = f"{prefix}.{index}.{name}"
+                linear = modules[name]
+                W = linear.weight.data.float()
+                H = hessians[name].H
+                result = gptq_quantize(W, H, options_for(full))
+                Q = result.weight.dequantize()
+                dW = Q - W
+                num = torch.trace(dW @ H @ dW.T).item()
+                den = torch.trace(W @ H @ W.T).item()
+                report.append({
+                    "module": full, "block": index, "gptq_loss": result.loss, "damp": result.damp,
+                    "fallback_rtn": result.fallback_rtn, "dead_columns": result.dead_columns,
+                    "rel_output_error": (num / den) ** 0.5 if den > 0 else 0.0,
+                })
+                linear.weight.data.copy_(Q.to(linear.weight.dtype))
+                tensors.update(_weight_tensors(name, result.weight))
+        return {k: v.cpu() for k, v in tensors.items()}, {"report": report}, None  # engine re-runs the quantized block
+
+    def restore(index: int, block: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        modules = dict(block.named_modules())
+        for row in meta["report"]:
+            name = row["module"][len(f"{prefix}.{index}.") :]
+            qw = _weight_from_tensors(name, tensors, bits, plan[row["module"]][1])
+            modules[name].weight.data.copy_(qw.dequantize().to(modules[name].weight.dtype))
+
+    results = run_sequential(
+        ctx.model, ctx.calibration, visit, device=ctx.device, batch_size=8, partial_dir=ctx.partial_dir,
+        restore=restore, desc=f"gptq {recipe.name}", on_block_done=ctx.on_block_done,
+    )
+    weights: dict[str, QuantizedWeight] = {}
+    report: list[dict[str, Any]] = []
+    for index, (tensors, meta) in enumerate(results):
+        for row in meta["report"]:
+            name = row["module"][len(f"{prefix}.{index}.") :]
+            weights[row["module"]] = _weight_from_tensors(name, tensors, bits, plan[row["module"]][1])
+            report.append(row)
+    fallbacks = [r["module"] for r in report if r["fallback_rtn"]]
+    return MethodResult(weights, report, {"gptq_rtn_fallbacks": fallbacks} if fallbacks else {})
