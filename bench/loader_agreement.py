@@ -1,0 +1,52 @@
+"""Do transformers (with compressed-tensors) and quantmill's own loader give the same logits for
+every quantized checkpoint in the store? Prints one row per checkpoint: max |logit difference|
+over the first eval windows.
+
+    QUANTMILL_HOME=/tmp/qmdemo .venv/bin/python bench/loader_agreement.py [--windows 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
+    from quant.checkpoint import load_quantized
+    from quant.sources import load_tokenizer
+    from tasks.store import default_root
+
+    hf_logging.disable_progress_bar()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=512)
+    args = parser.parse_args()
+    root = default_root()
+    rows = []
+    for manifest in sorted((root / "quantize").glob("*/manifest.json")):
+        entry = manifest.parent
+        recipe = json.loads(manifest.read_text())["recipe"]["name"]
+        folder = entry / "checkpoint"
+        tokenizer = load_tokenizer(folder)
+        windows = first_windows(tokenize_prefix(tokenizer, load_text(parse_spec("stdlib:eval")), args.windows * args.seq_len), args.windows, args.seq_len)
+        served = AutoModelForCausalLM.from_pretrained(folder).eval()
+        ours = load_quantized(folder)
+        with torch.no_grad():
+            diff = max((served(w[None]).logits - ours(w[None]).logits).abs().max().item() for w in windows)
+            scale = max(ours(w[None]).logits.abs().max().item() for w in windows)
+        rows.append((recipe, entry.name[:12], diff, scale))
+        print(f"{recipe:<28} {entry.name[:12]}  max |diff| {diff:.3e}  (max |logit| {scale:.1f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
