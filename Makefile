@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(VENV)/bin/quantmill quantize --model demo $(addprefix --recipe ,$(DEMO_RECIPES)) --register smollm2-135m
+	$(VENV)/bin/quantmill quantize --model demo $(addprefix --recipe ,$(DEMO_RECIPES)) --register smollm2-135m --plot docs/demo_size_vs_ppl.png
 
 test: setup
 	$(PY) -m pytest -q

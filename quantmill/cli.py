@@ -72,6 +72,7 @@ def quantize(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle (.bin) weights you trust"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when present)"),
     as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="write a size-vs-perplexity PNG here"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Quantize MODEL with each RECIPE, evaluate against the original, optionally register."""
@@ -112,6 +113,10 @@ def quantize(
         _fail(err, debug)
     except Exception as err:  # an unexpected failure: still one line unless --debug
         _fail(RuntimeError(f"{type(err).__name__}: {err}"), debug)
+    if plot:
+        from quant.plots import size_vs_ppl
+
+        size_vs_ppl(summary["reference"], summary["rows"], plot, title=f"{model}: size vs perplexity")
     if as_json:
         typer.echo(json.dumps(summary, indent=1, default=str))
         return
@@ -121,6 +126,8 @@ def quantize(
         typer.echo(f"  {s['stage']:<28} {'cached  ' if s['cached'] else 'computed'} {str(s['key'])[:16]}")
     typer.echo(f"\n{model}: float perplexity {summary['reference']['ppl']:.3f}; {cached}/{len(summary['stages'])} stages cached; {summary['wall_seconds']:.1f} s\n")
     typer.echo(results_table(summary))
+    if plot:
+        typer.echo(f"\nsize vs perplexity plot: {plot}")
 
 
 @app.command()

@@ -22,6 +22,7 @@ ARGS = [
     "quantize", "--model", "demo", "--recipe", "w8a16-rtn", "--recipe", "w4a16-rtn-g64",
     "--calib-samples", "16", "--seq-len", "256", "--eval-windows", "8", "--register", "smollm2-135m", "--json",
 ]
+PLOT = ["--plot"]
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,11 @@ def demo_runs(prefect_api, tmp_path_factory):
     home = tmp_path_factory.mktemp("demo-home")
     env = {"PREFECT_API_URL": prefect_api, "QUANTMILL_HOME": str(home)}
     start = time.perf_counter()
-    first = run_cli(ARGS, env, timeout=1800)
+    plot = home / "size_vs_ppl.png"
+    first = run_cli(ARGS + PLOT + [str(plot)], env, timeout=1800)
     first_seconds = time.perf_counter() - start
     assert first.returncode == 0, first.stderr[-3000:]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     start = time.perf_counter()
     second = run_cli(ARGS, env, timeout=600)
     second_seconds = time.perf_counter() - start
