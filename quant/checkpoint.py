@@ -2,8 +2,14 @@
 
 `save_quantized` hands the integer weights to compressed-tensors' own compressor, so the folder
 is what `AutoModelForCausalLM.from_pretrained` (with the compressed-tensors package) and vLLM
-expect. `load_quantized` rebuilds a float model from the same files with quantmill's own
+expect. `load_quantized` rebuilds the model from the same files with quantmill's own
 de-quantization, which is what quantmill evaluates; the two are compared in the tests.
+
+W8A8 / FP8 (a recipe with `activations`): `int-quantized` (int8 weights) or `float-quantized`
+(e4m3 weights), per-channel `weight_scale`, and `input_activations` args in the config; dynamic
+inputs are `strategy: token, dynamic: true` with no scale saved, static ones `strategy: tensor,
+dynamic: false` with `input_scale` (+ `input_zero_point` when asymmetric) from the observer range.
+`load_quantized` turns those Linears into `QuantLinear`s, so evaluation quantizes the inputs too.
 
 Asymmetric weights are saved `int-quantized` (one int8 per weight) rather than `pack-quantized`:
 transformers 5.24 cannot load packed zero points (the packed [out/8, groups] tensor mismatches the
@@ -22,6 +28,9 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from quant.errors import RecipeError
+from quant.methods import is_ignored
+from quant.modules import QuantLinear, QuantScheme
 from quant.qparams import QuantizedWeight
 from quant.recipe import Recipe
 
@@ -91,15 +100,24 @@ def save_quantized(
     dst: Path,
     lineage: dict[str, Any],
     tokenizer_dir: Path | None = None,
+    input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> None:
-    """Write `model` with `weights` (module name -> integer weight) in the compressed-tensors layout.
+    """Write `model` with `weights` (module name -> integer or fp8 weight) in the compressed-tensors
+    layout; static activation recipes also need `input_qparams` (module name -> input scale and
+    zero point), saved as `input_scale` (+ `input_zero_point` when asymmetric).
 
     The model is modified in place (its Linear weights become the de-quantized values).
     """
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
 
+    if recipe.method == "llm_int8":  # no compressed-tensors format: quantmill's own (see that module)
+        from quant.llm_int8_checkpoint import save_llm_int8
+
+        return save_llm_int8(model, weights, recipe, dst, lineage, tokenizer_dir)
     _quiet_compressed_tensors()
+    input_qparams = input_qparams or {}
+    _check_method_output(recipe, weights, input_qparams)
     fmt = checkpoint_format(recipe)
     modules = dict(model.named_modules())
     for name, qw in weights.items():
@@ -113,6 +131,11 @@ def save_quantized(
             module.weight_zero_point.data.copy_(qw.zero_point.reshape(module.weight_zero_point.shape))
         if qw.g_idx is not None:
             module.weight_g_idx.data.copy_(qw.g_idx)
+        if name in input_qparams:
+            scale, zero_point = input_qparams[name]
+            module.input_scale.data.copy_(scale.reshape(module.input_scale.shape))
+            if hasattr(module, "input_zero_point"):
+                module.input_zero_point.data.copy_(zero_point.reshape(module.input_zero_point.shape))
         module.quantization_status = QuantizationStatus.FROZEN
     stray = [n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None and n not in weights]
     if stray:
@@ -128,6 +151,18 @@ def save_quantized(
                 shutil.copy2(tokenizer_dir / fname, dst / fname)
     (dst / RECIPE_FILE).write_text(recipe.to_yaml())
     (dst / LINEAGE_FILE).write_text(json.dumps({**lineage, "format": fmt}, indent=2, sort_keys=True, default=str))
+
+
+def _check_method_output(recipe: Recipe, weights: dict[str, QuantizedWeight], input_qparams: dict[str, Any]) -> None:
+    """A method that ignores part of the recipe (fp8 weights, static input scales) is refused."""
+    method = recipe.method
+    if recipe.weights.type == "float" and any(not qw.q.dtype.is_floating_point for qw in weights.values()):
+        raise RecipeError(f"recipe {recipe.name}: method {method!r} produced integer weights, not the fp8 weights the recipe asks for")
+    a = recipe.activations
+    if a is not None and not a.dynamic:
+        missing = sorted(set(weights) - set(input_qparams))
+        if missing:
+            raise RecipeError(f"recipe {recipe.name}: method {method!r} gave no static input scale for {len(missing)} module(s) ({', '.join(missing[:3])})")
 
 
 def _quiet_compressed_tensors() -> None:
@@ -183,11 +218,79 @@ def dequantize_module(prefix: str, tensors: dict[str, torch.Tensor], num_bits: i
     return qw.dequantize()
 
 
-def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A float model whose quantized Linears hold exactly the de-quantized stored weights."""
+def _group_of(name: str, groups: dict[str, Any]) -> dict[str, Any]:
+    """The config group whose targets name this module (exact, suffix, `re:`), else the `Linear` one."""
+    for group in groups.values():
+        if is_ignored(name, tuple(group["targets"])):  # the same name matching as `ignore`
+            return group
+    for group in groups.values():
+        if "Linear" in group["targets"]:
+            return group
+    raise ValueError(f"no quantization config group targets {name}")
+
+
+def scheme_of(group: dict[str, Any]) -> QuantScheme:
+    """The QuantScheme of a compressed-tensors config group (weights + input_activations)."""
+    w, a = group["weights"], group.get("input_activations")
+    act = "none"
+    if a is not None:
+        act = "dynamic" if a.get("dynamic") else "static"
+        want = "token" if act == "dynamic" else "tensor"
+        if a.get("strategy") != want:
+            raise ValueError(f"{act} input activations with strategy {a.get('strategy')!r} are not supported (only {want!r})")
+    return QuantScheme(
+        weight_type="fp8" if w.get("type") == "float" else "int",
+        weight_bits=w["num_bits"],
+        weight_symmetric=w.get("symmetric", True),
+        granularity=w.get("strategy", "channel"),
+        group_size=w.get("group_size") if w.get("strategy") == "group" else None,
+        act=act,
+        act_type="int" if a is None or a.get("type") == "int" else "fp8",
+        act_bits=8 if a is None else a["num_bits"],
+        act_symmetric=True if a is None else a.get("symmetric", True),
+    )
+
+
+def _quant_linear(prefix: str, linear: nn.Linear, scheme: QuantScheme, tensors: dict[str, torch.Tensor], path: str) -> QuantLinear:
+    """A QuantLinear holding one module's stored weight, scales and input qparams as they are."""
+    if f"{prefix}.weight_g_idx" in tensors:
+        raise ValueError(f"{prefix}: act-order (g_idx) weights with quantized activations are not supported")
+    module = QuantLinear(linear.in_features, linear.out_features, scheme, bias=linear.bias is not None)
+    shape = module.weight_scale.shape
+    module.weight_q.copy_(tensors[f"{prefix}.weight"].to(module.weight_q.dtype))
+    module.weight_scale.copy_(tensors[f"{prefix}.weight_scale"].float().expand(shape))
+    if f"{prefix}.weight_zero_point" in tensors:
+        module.weight_zero_point.copy_(tensors[f"{prefix}.weight_zero_point"].to(torch.int32).expand(shape))
+    if linear.bias is not None:
+        module.bias.copy_(linear.bias.detach().float())
+    if scheme.act == "static":
+        module.input_scale.copy_(tensors[f"{prefix}.input_scale"].float().reshape(()))
+        if f"{prefix}.input_zero_point" in tensors:
+            module.input_zero_point.copy_(tensors[f"{prefix}.input_zero_point"].to(torch.int32).reshape(()))
+    if path not in ("fake", "int"):
+        raise ValueError(f"path must be 'fake' or 'int', got {path!r}")
+    if path == "int" and not module.int_path_supported():
+        raise ValueError(f"{prefix}: no integer kernel for {module.describe()} on the CPU; use path='fake'")
+    module.path = path
+    return module
+
+
+def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, path: str = "fake") -> nn.Module:
+    """The model a quantmill checkpoint describes, as quantmill evaluates it.
+
+    Weight-only checkpoints: a float model whose quantized Linears hold exactly the de-quantized
+    stored weights. Checkpoints with `input_activations` (W8A8, FP8): those Linears become
+    `QuantLinear`s holding the stored int8 / fp8 weights, scales and static input scales, so
+    inputs are quantized at run time; `path` "fake" (reference, any device) or "int" (int8
+    `torch._int_mm` / fp8 `torch._scaled_mm` where the device has it).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
+    from quant.llm_int8_checkpoint import is_llm_int8, load_llm_int8
+
+    if is_llm_int8(folder):  # LLM.int8(): LLMInt8Linear modules (quantmill's own format)
+        return load_llm_int8(folder, dtype)
     config = AutoConfig.from_pretrained(folder)
     qconfig = getattr(config, "quantization_config", None)
     if qconfig is None:
@@ -217,16 +320,20 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"{folder}: checkpoint lacks {missing[:3]}")
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:  # non-persistent buffers such as rotary inv_freq: rebuild them on the CPU
-            break
-    else:
-        return model.eval()
-    fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    fresh.load_state_dict(model.state_dict(), strict=False)
-    if getattr(config, "tie_word_embeddings", False):
-        fresh.tie_weights()
-    return fresh.eval()
+    if any(buf.is_meta for buf in model.buffers()):  # non-persistent buffers such as rotary inv_freq: rebuild them on the CPU
+        fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        fresh.load_state_dict(model.state_dict(), strict=False)
+        if getattr(config, "tie_word_embeddings", False):
+            fresh.tie_weights()
+        model = fresh
+    groups = qconfig["config_groups"]
+    if any(g.get("input_activations") for g in groups.values()):
+        modules = dict(model.named_modules())
+        for prefix in sorted(quantized_prefixes):
+            parent, _, child = prefix.rpartition(".")
+            quantized = _quant_linear(prefix, modules[prefix], scheme_of(_group_of(prefix, groups)), tensors, path)
+            setattr(modules[parent], child, quantized)
+    return model.eval()
 
 
 def size_report(folder: str | Path) -> dict[str, Any]:

@@ -6,10 +6,14 @@ Linears that read the same tensor (q/k/v; gate/up) share one Hessian. With `true
 the groups of a block are quantized in forward order, each seeing the already-quantized ones.
 Per-block results go to the engine's partial folder, so a killed run resumes at the next block
 and ends bit-identical to an uninterrupted one.
+
+`quantize_block` is the per-block step with the per-Linear quantizer as a parameter (GPTQ here;
+AWQ in quant/outlier_methods.py scales a block first, then calls it with GPTQ or RTN).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,7 +21,7 @@ import torch.nn as nn
 
 from quant.arch import layout_of
 from quant.gptq import GPTQOptions, HessianAccumulator, gptq_quantize
-from quant.methods import MethodContext, MethodResult, is_ignored, layer_granularity, target_linears
+from quant.methods import MethodContext, MethodResult, layer_granularity, target_linears
 from quant.qparams import QuantizedWeight
 from quant.sequential import BlockInputs, run_sequential
 
@@ -77,29 +81,108 @@ def _weight_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 
 def _weight_from_tensors(name: str, t: dict[str, torch.Tensor], bits: int, group_size: int | None) -> QuantizedWeight:
+    # q stays int8 (bits <= 8) and shares the block result's memory: an int32 copy of every
+    # weight would cost as much host memory as the float model itself.
     return QuantizedWeight(
-        t[f"{name}.q"].to(torch.int32), t[f"{name}.scale"], t[f"{name}.zero_point"], bits,
+        t[f"{name}.q"], t[f"{name}.scale"], t[f"{name}.zero_point"], bits,
         group_size if f"{name}.g_idx" not in t else None, t.get(f"{name}.g_idx"),
     )
 
 
-def gptq(ctx: MethodContext) -> MethodResult:
-    """GPTQ weight-only quantization (Frantar et al. 2022) of every targeted decoder Linear."""
+# quantize_one(full name, float weight W [out, in], Hessian H [in, in]) -> (integer weight, report fields)
+WeightQuantizer = Callable[[str, torch.Tensor, torch.Tensor], tuple[QuantizedWeight, dict[str, Any]]]
+
+
+def block_linear_names(block: nn.Module, index: int, prefix: str, plan: dict[str, Any]) -> list[str]:
+    """The block's Linears (names relative to the block) that the plan quantizes."""
+    return [n for n, m in block.named_modules() if isinstance(m, nn.Linear) and f"{prefix}.{index}.{n}" in plan]
+
+
+def quantize_block(
+    index: int,
+    block: nn.Module,
+    inputs: BlockInputs,
+    forward: Callable[[], list[torch.Tensor]],
+    prefix: str,
+    names: list[str],
+    quantize_one: WeightQuantizer,
+    true_sequential: bool = False,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Quantize the named Linears of one block in place, each seeing its input Hessian.
+
+    Linears that read the same tensor share one Hessian; with `true_sequential` each input group
+    is quantized after the earlier ones, on inputs computed by the already-quantized block. Each
+    weight becomes its de-quantized value; returns the integer tensors (for the partial folder)
+    and one report row per Linear (the quantizer's fields, then rel_output_error =
+    sqrt(tr(dW H dW^T) / tr(W H W^T))).
+    """
+    modules = dict(block.named_modules())
+
+    def run(first_batch_only: bool = False) -> None:
+        """The block over the calibration batches for its hooks only; each batch's output is
+        dropped at once (the engine computes the next block's inputs after quantization), so the
+        Hessian pass never holds a second copy of the activations."""
+        with torch.no_grad():
+            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+                block(hidden, **kwargs)
+                if first_batch_only:
+                    break
+
+    groups = _input_groups(block, names, run)
+    stages = [[n for g in groups for n in g]] if not true_sequential else groups
+    tensors: dict[str, torch.Tensor] = {}
+    report: list[dict[str, Any]] = []
+    for stage in stages:
+        hessians = _hessians(block, [g for g in groups if g[0] in stage], run)
+        for name in stage:
+            full = f"{prefix}.{index}.{name}"
+            linear = modules[name]
+            W = linear.weight.data.float()
+            H = hessians[name].H
+            qw, fields = quantize_one(full, W, H)
+            Q = qw.dequantize()
+            dW = Q - W
+            num = torch.trace(dW @ H @ dW.T).item()
+            den = torch.trace(W @ H @ W.T).item()
+            report.append({"module": full, "block": index, **fields, "rel_output_error": (num / den) ** 0.5 if den > 0 else 0.0})
+            linear.weight.data.copy_(Q.to(linear.weight.dtype))
+            tensors.update(_weight_tensors(name, qw))
+    return {k: v.cpu() for k, v in tensors.items()}, report
+
+
+def restore_block_weights(index: int, block: nn.Module, tensors: dict[str, torch.Tensor], rows: list[dict[str, Any]], prefix: str, bits: int, plan: dict[str, Any]) -> None:
+    """Write a finished block's de-quantized weights back (resuming from the partial folder)."""
+    modules = dict(block.named_modules())
+    for row in rows:
+        name = row["module"][len(f"{prefix}.{index}.") :]
+        qw = _weight_from_tensors(name, tensors, bits, plan[row["module"]][1])
+        modules[name].weight.data.copy_(qw.dequantize().to(modules[name].weight.dtype))
+
+
+def collect_weights(results: list[tuple[dict[str, torch.Tensor], dict[str, Any]]], prefix: str, bits: int, plan: dict[str, Any]) -> tuple[dict[str, QuantizedWeight], list[dict[str, Any]]]:
+    """The integer weights and report rows of every block of a walk (metadata key `report`)."""
+    weights: dict[str, QuantizedWeight] = {}
+    report: list[dict[str, Any]] = []
+    for index, (tensors, meta) in enumerate(results):
+        for row in meta["report"]:
+            name = row["module"][len(f"{prefix}.{index}.") :]
+            weights[row["module"]] = _weight_from_tensors(name, tensors, bits, plan[row["module"]][1])
+            report.append(row)
+    return weights, report
+
+
+def gptq_options(recipe, plan: dict[str, Any]) -> Callable[[str], GPTQOptions]:
+    """The solver options of each module: the recipe's weight scheme, the module's granularity."""
     from quant.errors import RecipeError
 
-    recipe = ctx.recipe
     unknown = set(recipe.options) - OPTION_KEYS
     if unknown:
         raise RecipeError(f"recipe {recipe.name}: unknown gptq option(s) {sorted(unknown)} (known: {sorted(OPTION_KEYS)})")
-    plan = layer_granularity(recipe, target_linears(ctx.model, recipe))
-    prefix = layout_of(ctx.model).layers
-    true_sequential = bool(recipe.options.get("true_sequential", False))
-    bits = recipe.weights.bits
 
     def options_for(full: str) -> GPTQOptions:
         granularity, group_size = plan[full]
         return GPTQOptions(
-            bits=bits,
+            bits=recipe.weights.bits,
             symmetric=recipe.weights.symmetric,
             group_size=group_size if granularity == "group" else None,
             actorder=bool(recipe.options.get("actorder", False)),
@@ -109,59 +192,43 @@ def gptq(ctx: MethodContext) -> MethodResult:
             max_damp_tries=int(recipe.options.get("max_damp_tries", 5)),
         )
 
+    return options_for
+
+
+def gptq_quantizer(options_for: Callable[[str], GPTQOptions]) -> WeightQuantizer:
+    """The GPTQ solver as a per-Linear quantizer for `quantize_block`."""
+
+    def quantize_one(full: str, W: torch.Tensor, H: torch.Tensor) -> tuple[QuantizedWeight, dict[str, Any]]:
+        result = gptq_quantize(W, H, options_for(full))
+        return result.weight, {
+            "gptq_loss": result.loss, "damp": result.damp,
+            "fallback_rtn": result.fallback_rtn, "dead_columns": result.dead_columns,
+        }
+
+    return quantize_one
+
+
+def gptq(ctx: MethodContext) -> MethodResult:
+    """GPTQ weight-only quantization (Frantar et al. 2022) of every targeted decoder Linear."""
+    recipe = ctx.recipe
+    plan = layer_granularity(recipe, target_linears(ctx.model, recipe))
+    quantize_one = gptq_quantizer(gptq_options(recipe, plan))
+    prefix = layout_of(ctx.model).layers
+    true_sequential = bool(recipe.options.get("true_sequential", False))
+    bits = recipe.weights.bits
+
     def visit(index: int, block: nn.Module, inputs: BlockInputs, forward):
-        modules = dict(block.named_modules())
-        names = [n for n, m in modules.items() if isinstance(m, nn.Linear) and not is_ignored(f"{prefix}.{index}.{n}", recipe.ignore) and f"{prefix}.{index}.{n}" in plan]
-
-        def run(first_batch_only: bool = False):
-            if first_batch_only:
-                with torch.no_grad():
-                    block(inputs.hidden[0], **inputs.kwargs[0])
-                return None
-            return forward()
-
-        groups = _input_groups(block, names, run)
-        stages = [[n for g in groups for n in g]] if not true_sequential else groups
-        tensors: dict[str, torch.Tensor] = {}
-        report: list[dict[str, Any]] = []
-        for stage in stages:
-            hessians = _hessians(block, [g for g in groups if g[0] in stage], run)
-            for name in stage:
-                full = f"{prefix}.{index}.{name}"
-                linear = modules[name]
-                W = linear.weight.data.float()
-                H = hessians[name].H
-                result = gptq_quantize(W, H, options_for(full))
-                Q = result.weight.dequantize()
-                dW = Q - W
-                num = torch.trace(dW @ H @ dW.T).item()
-                den = torch.trace(W @ H @ W.T).item()
-                report.append({
-                    "module": full, "block": index, "gptq_loss": result.loss, "damp": result.damp,
-                    "fallback_rtn": result.fallback_rtn, "dead_columns": result.dead_columns,
-                    "rel_output_error": (num / den) ** 0.5 if den > 0 else 0.0,
-                })
-                linear.weight.data.copy_(Q.to(linear.weight.dtype))
-                tensors.update(_weight_tensors(name, result.weight))
-        return {k: v.cpu() for k, v in tensors.items()}, {"report": report}, None  # engine re-runs the quantized block
+        names = block_linear_names(block, index, prefix, plan)
+        tensors, report = quantize_block(index, block, inputs, forward, prefix, names, quantize_one, true_sequential)
+        return tensors, {"report": report}, None  # engine re-runs the quantized block
 
     def restore(index: int, block: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        modules = dict(block.named_modules())
-        for row in meta["report"]:
-            name = row["module"][len(f"{prefix}.{index}.") :]
-            qw = _weight_from_tensors(name, tensors, bits, plan[row["module"]][1])
-            modules[name].weight.data.copy_(qw.dequantize().to(modules[name].weight.dtype))
+        restore_block_weights(index, block, tensors, meta["report"], prefix, bits, plan)
 
     results = run_sequential(
         ctx.model, ctx.calibration, visit, device=ctx.device, batch_size=8, partial_dir=ctx.partial_dir,
         restore=restore, desc=f"gptq {recipe.name}", on_block_done=ctx.on_block_done,
     )
-    weights: dict[str, QuantizedWeight] = {}
-    report: list[dict[str, Any]] = []
-    for index, (tensors, meta) in enumerate(results):
-        for row in meta["report"]:
-            name = row["module"][len(f"{prefix}.{index}.") :]
-            weights[row["module"]] = _weight_from_tensors(name, tensors, bits, plan[row["module"]][1])
-            report.append(row)
-    fallbacks = [r["module"] for r in report if r["fallback_rtn"]]
+    weights, report = collect_weights(results, prefix, bits, plan)
+    fallbacks = [r["module"] for r in report if r.get("fallback_rtn")]
     return MethodResult(weights, report, {"gptq_rtn_fallbacks": fallbacks} if fallbacks else {})

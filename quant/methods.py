@@ -19,6 +19,7 @@ from quant.errors import RecipeError
 from quant.observers import ActivationStats
 from quant.qparams import QuantizedWeight, quantize_weight_rtn
 from quant.recipe import Recipe
+from quant.schemes import quantize_weight_fp8, static_input_qparams
 
 
 @dataclass
@@ -39,6 +40,8 @@ class MethodResult:
     weights: dict[str, QuantizedWeight]
     report: list[dict[str, Any]]
     notes: dict[str, Any] = field(default_factory=dict)
+    # Static activations only: module name -> (input_scale, input_zero_point), scalars.
+    input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
@@ -99,17 +102,22 @@ def weight_error_report(name: str, w: torch.Tensor, qw: QuantizedWeight, stats: 
 
 
 def rtn(ctx: MethodContext) -> MethodResult:
-    """Round-to-nearest weight-only quantization: each weight to the nearest point of its grid."""
+    """Round-to-nearest: each weight to the nearest point of its grid (int, or fp8 e4m3 for
+    `weights.type: float`); with static `activations`, input scales from the stats' observer range."""
     linears = target_linears(ctx.model, ctx.recipe)
     plan = layer_granularity(ctx.recipe, linears)
     w = ctx.recipe.weights
+    input_qparams, act_rows = static_input_qparams(ctx.recipe, ctx.stats, list(linears))
     weights, report = {}, []
     for name, linear in linears.items():
         granularity, group_size = plan[name]
-        qw = quantize_weight_rtn(linear.weight.data, w.bits, w.symmetric, granularity, group_size)
+        if w.type == "float":
+            qw = quantize_weight_fp8(linear.weight.data, granularity)
+        else:
+            qw = quantize_weight_rtn(linear.weight.data, w.bits, w.symmetric, granularity, group_size)
         weights[name] = qw
-        report.append(weight_error_report(name, linear.weight.data, qw, ctx.stats.get(name), granularity=granularity))
-    return MethodResult(weights, report)
+        report.append(weight_error_report(name, linear.weight.data, qw, ctx.stats.get(name), granularity=granularity, **act_rows.get(name, {})))
+    return MethodResult(weights, report, input_qparams=input_qparams)
 
 
 def _gptq(ctx: MethodContext) -> MethodResult:
@@ -118,7 +126,22 @@ def _gptq(ctx: MethodContext) -> MethodResult:
     return gptq(ctx)
 
 
+def _outlier_method(name: str) -> Callable[[MethodContext], MethodResult]:
+    """llm_int8, awq, smoothquant: quant/outlier_methods.py imports this module, so resolve late."""
+
+    def run(ctx: MethodContext) -> MethodResult:
+        from quant import outlier_methods
+
+        return getattr(outlier_methods, name)(ctx)
+
+    run.__name__ = name
+    return run
+
+
 METHODS: dict[str, Callable[[MethodContext], MethodResult]] = {
     "rtn": rtn,
     "gptq": _gptq,
+    "llm_int8": _outlier_method("llm_int8"),
+    "awq": _outlier_method("awq"),
+    "smoothquant": _outlier_method("smoothquant"),
 }

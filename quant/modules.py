@@ -293,11 +293,24 @@ class QuantLinear(nn.Module):
         y = self._forward_int(x2) if self.path == "int" else self._forward_fake(x2)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    def fake_quantize_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """dequantize(quantize_input(x2)) computed in float32: the same numbers (every intermediate
+        is a small integer, exact in float32) without the int8/int32 casts, which on the CPU cost
+        ~30x more than the rounding itself."""
+        scale, zp = self.input_qparams(x2)
+        if self.scheme.act_type == "fp8":
+            return quantize_fp8(x2, scale).float() * scale
+        qmin, qmax = int_range(self.scheme.act_bits)
+        q = torch.round(x2 / scale)
+        if not self.scheme.act_symmetric:
+            zp = zp.float()
+            return (q + zp).clamp_(qmin, qmax).sub_(zp).mul_(scale)
+        return q.clamp_(qmin, qmax).mul_(scale)
+
     def _forward_fake(self, x2: torch.Tensor) -> torch.Tensor:
         x2 = x2.float()
         if self.scheme.act != "none":
-            x_q, scale, zp = self.quantize_input(x2)
-            x2 = (x_q.float() - zp.float()) * scale
+            x2 = self.fake_quantize_input(x2)
         return F.linear(x2, self.dequantized_weight(), self.bias)
 
     def _forward_int(self, x2: torch.Tensor) -> torch.Tensor:

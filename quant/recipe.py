@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from quant.errors import RecipeError
 from quant.hashing import canonical_json, sha256_text
+from quant.observers import get_observer
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -41,6 +42,8 @@ class WeightScheme(_Strict):
             raise ValueError(f"group_size is only for granularity 'group', not {self.granularity!r}")
         if self.type == "float" and self.bits != 8:
             raise ValueError("float weights are fp8: bits must be 8")
+        if self.type == "float" and (self.granularity == "group" or not self.symmetric):
+            raise ValueError("fp8 weights are symmetric, per tensor or per channel")
         return self
 
 
@@ -59,6 +62,20 @@ class ActivationScheme(_Strict):
     def _eight_bits(self) -> "ActivationScheme":
         if self.bits != 8:
             raise ValueError(f"activation bits must be 8 for {self.type} activations, got {self.bits}")
+        if self.dynamic and self.granularity != "token":
+            raise ValueError("dynamic activations are quantized per token: set granularity: token")
+        if not self.dynamic and self.granularity != "tensor":
+            raise ValueError("static activations have one scale per tensor: set granularity: tensor")
+        if self.type == "float" and not self.symmetric:
+            raise ValueError("fp8 activations are symmetric")
+        if self.dynamic and (self.observer != "minmax" or self.observer_options):
+            raise ValueError("observer and observer_options apply to static activations only (dynamic: false)")
+        if self.type == "float" and self.observer in ("mse", "kl"):
+            raise ValueError(f"observer {self.observer!r} models an integer grid; fp8 activations use minmax, ema_minmax or percentile")
+        try:
+            get_observer(self.observer, **self.observer_options)
+        except RecipeError as err:
+            raise ValueError(str(err)) from None
         return self
 
 
@@ -78,6 +95,13 @@ class Recipe(_Strict):
     ignore: tuple[str, ...] = ("lm_head",)
     options: dict[str, Any] = Field(default_factory=dict)
     gate: QualityGate | None = None
+
+    @model_validator(mode="after")
+    def _same_number_type(self) -> "Recipe":
+        a = self.activations
+        if a is not None and a.type != self.weights.type:
+            raise ValueError(f"activations.type {a.type!r} must match weights.type {self.weights.type!r} (int8 x int8 or fp8 x fp8)")
+        return self
 
     @property
     def hash(self) -> str:

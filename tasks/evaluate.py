@@ -12,6 +12,7 @@ from quant.calibration import first_windows, load_text, parse_spec, tokenize_pre
 from quant.checkpoint import load_quantized, size_report
 from quant.evaluate import evaluate_windows
 from quant.hashing import sha256_text
+from quant.outlier_methods import llm_int8_outlier_fractions
 from quant.sequential import pick_device
 from quant.sources import load_model, load_tokenizer
 from tasks.calibrate import EvaluationSpec
@@ -59,6 +60,11 @@ def evaluate(model: dict[str, Any], spec: EvaluationSpec, quantized: dict[str, A
             candidate = load_quantized(qdir).to(dev)
             metrics = evaluate_windows(candidate, windows, reference, device=dev, desc=f"eval {what}", on_window=progress.update).to_dict()
             metrics.update(size_report(qdir))
+            fractions = llm_int8_outlier_fractions(candidate)
+            if fractions:  # LLM.int8(): share of input columns the float path took, per module, on the eval text
+                metrics["mean_outlier_fraction"] = sum(fractions.values()) / len(fractions)
+                metrics["max_outlier_fraction"] = max(fractions.values())
+                metrics["outlier_fraction_by_module"] = fractions
             metrics["ppl_ratio"] = metrics["ppl"] / metrics["reference_ppl"]
             metrics["quantize_seconds"] = quantized["manifest"]["quantize_seconds"]
         metrics["eval_text_sha256"] = sha256_text(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -10,17 +11,19 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 import quant
 from quant.checkpoint import save_quantized
 from quant.methods import METHODS, MethodContext
 from quant.recipe import Recipe
-from quant.sequential import pick_device
+from quant.sequential import pick_device, release_host_memory
 from quant.sources import load_model
 from quant.stats import load_stats
 from tasks.calibrate import read_token_table
 from tasks.common import Progress, entry_result, log, store, store_cache_key
+from tasks.report import markdown_table
 from tasks.resolve import checkpoint_dir
 from tasks.store import stage_key
 
@@ -56,6 +59,20 @@ def lineage(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str,
     }
 
 
+def _report_artifact(recipe: Recipe, report: list[dict[str, Any]], block_seconds: dict[int, float]) -> None:
+    """The per-block report as a markdown artifact in Prefect's UI (a nicety: never fails the stage)."""
+    if not report:
+        return
+    try:
+        create_markdown_artifact(
+            key="quantize-report-" + re.sub(r"[^a-z0-9-]+", "-", recipe.name.lower()).strip("-"),
+            markdown=markdown_table(report, block_seconds, title=f"### Per-block report: {recipe.name} ({recipe.method})"),
+            description=f"per-block quantization report for recipe {recipe.name}",
+        )
+    except Exception as err:  # no run context (library use) or an API hiccup
+        log(f"could not create the per-block report artifact: {err}")
+
+
 @task(name="quantize", cache_key_fn=store_cache_key(_key_of), persist_result=True)
 def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str, Any], recipe: Recipe, device: str | None = None) -> dict[str, Any]:
     recipe = Recipe.model_validate(recipe)
@@ -70,6 +87,13 @@ def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str
         src = checkpoint_dir(model)
         net = load_model(src)
         progress = Progress(f"quantize {recipe.name}: blocks done")
+        block_seconds: dict[int, float] = {}
+
+        def on_block_done(index: int, total: int, meta: dict[str, Any]) -> None:
+            if isinstance(meta.get("seconds"), (int, float)):
+                block_seconds[index] = float(meta["seconds"])
+            progress.update(index + 1, total)
+
         ctx = MethodContext(
             model=net,
             recipe=recipe,
@@ -77,15 +101,21 @@ def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str
             calibration=read_token_table(Path(calibration["path"]) / "samples.parquet"),
             device=pick_device(device),
             partial_dir=tmp / "partial",
-            on_block_done=lambda i, n, _: progress.update(i + 1, n),
+            on_block_done=on_block_done,
         )
         result = METHODS[recipe.method](ctx)
         seconds = time.perf_counter() - start
-        save_quantized(net, result.weights, recipe, tmp / "checkpoint", {**lineage(model, calibration, stats, recipe, key), **result.notes}, tokenizer_dir=src)
+        release_host_memory()  # the method's temporaries, before the checkpoint is written
+        save_quantized(net, result.weights, recipe, tmp / "checkpoint", {**lineage(model, calibration, stats, recipe, key), **result.notes}, tokenizer_dir=src, input_qparams=result.input_qparams)
         if result.report:
             columns = sorted({k for row in result.report for k in row})
             pq.write_table(pa.table({c: [json.dumps(r.get(c)) if isinstance(r.get(c), (list, dict)) else r.get(c) for r in result.report] for c in columns}), tmp / "report.parquet")
         (tmp / "report.json").write_text(json.dumps(result.report, indent=1))
-        entry = s.commit(tmp, STAGE, key, {"recipe": recipe.model_dump(mode="json"), "recipe_hash": recipe.hash, "quantize_seconds": seconds, "modules": len(result.weights), "notes": result.notes})
+        manifest = {"recipe": recipe.model_dump(mode="json"), "recipe_hash": recipe.hash, "quantize_seconds": seconds, "modules": len(result.weights), "notes": result.notes}
+        if block_seconds:  # blocks walked by this run (a resumed run's earlier blocks are not timed again)
+            manifest["block_seconds"] = {str(i): block_seconds[i] for i in sorted(block_seconds)}
+            manifest["mean_block_seconds"] = sum(block_seconds.values()) / len(block_seconds)
+        entry = s.commit(tmp, STAGE, key, manifest)
+    _report_artifact(recipe, result.report, block_seconds)
     log(f"quantized {recipe.name} ({len(result.weights)} modules, {seconds:.1f} s) -> key {key[:12]}")
     return entry_result(entry, reused=False)

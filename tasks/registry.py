@@ -17,6 +17,7 @@ from prefect import task
 from quant.errors import QuantmillError, SourceError
 from quant.recipe import Recipe
 from tasks.common import log, store
+from tasks.report import layer_metrics, plot_output_error
 
 EXPERIMENT = "quantmill"
 CANDIDATE_ALIAS = "candidate"
@@ -118,6 +119,45 @@ def lineage_tags(quantized: dict[str, Any], lineage: dict[str, Any]) -> dict[str
     return tags
 
 
+def log_layer_report(run_id: str, rows: list[dict[str, Any]], title: str = "", block_seconds: dict[str, float] | None = None) -> int:
+    """The per-module report as MLflow metrics with step = block index (`layer.<module suffix>.<field>`
+    for each module, `block.<field>` for the block's mean) and a PNG of relative output error by
+    block (`layer_report/rel_output_error.png`); with `block_seconds` ({block: s}) also
+    `block.seconds`. Returns the number of metric values logged."""
+    import tempfile
+    import time
+
+    from mlflow.entities import Metric
+
+    values = layer_metrics(rows)
+    values += [("block.seconds", float(v), int(b)) for b, v in sorted((block_seconds or {}).items(), key=lambda kv: int(kv[0]))]
+    now = int(time.time() * 1000)
+    metrics = [Metric(key=name, value=value, timestamp=now, step=step) for name, value, step in values]
+    c = client()
+    for i in range(0, len(metrics), 1000):  # MLflow's per-request limit
+        c.log_batch(run_id, metrics=metrics[i : i + 1000])
+    with tempfile.TemporaryDirectory() as scratch:
+        png = plot_output_error(rows, Path(scratch) / "rel_output_error.png", title=title)
+        if png is not None:
+            c.log_artifact(run_id, str(png), artifact_path="layer_report")
+    return len(metrics)
+
+
+def log_outlier_report(lineage: dict[str, Any]) -> list[str]:
+    """The stats entry's outlier report (heat map, outlier-channel bars, table) as artifacts under
+    `outliers/` of the active run; returns the files logged (none when the entry has no report)."""
+    from quant.outlier_report import REPORT_FILES
+
+    key = (lineage.get("stage_keys") or {}).get("collect_stats")
+    entry = store().get("collect_stats", key) if key else None
+    if entry is None:
+        return []
+    files = [entry.path / f for f in REPORT_FILES if (entry.path / f).is_file()]
+    for f in files:
+        _mlflow().log_artifact(str(f), artifact_path="outliers")
+    return [f.name for f in files]
+
+
 @task(name="register")
 def register(name: str, quantized: dict[str, Any], metrics: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
     """Log the run and register a version (alias `candidate`), or return the existing version."""
@@ -152,6 +192,8 @@ def register(name: str, quantized: dict[str, Any], metrics: dict[str, Any], refe
         report = Path(quantized["path"]) / "report.json"
         if report.is_file():
             mlflow.log_artifact(str(report))
+            log_layer_report(run.info.run_id, json.loads(report.read_text()), title=f"{model_name}: relative output error by block", block_seconds=quantized["manifest"].get("block_seconds"))
+        log_outlier_report(lineage)
         run_id = run.info.run_id
     version = c.create_model_version(model_name, source=f"runs:/{run_id}/checkpoint", run_id=run_id, tags=lineage_tags(quantized, lineage))
     c.set_registered_model_alias(model_name, CANDIDATE_ALIAS, version.version)

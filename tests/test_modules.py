@@ -199,3 +199,12 @@ def test_bad_schemes_are_recipe_errors() -> None:
         QuantLinear.from_linear(linear, QuantScheme(act="dynamic", act_type="fp8", act_symmetric=False))
     with pytest.raises(RecipeError, match="path"):
         QuantLinear.from_linear(linear, QuantScheme(act="dynamic"), path="cuda")
+
+
+@pytest.mark.parametrize("name", list(INT_SCHEMES) + ["fp8-dynamic", "fp8-static"])
+def test_fake_quantize_input_is_bitwise_dequantize_of_quantize_input(name: str) -> None:
+    scheme = INT_SCHEMES.get(name) or QuantScheme(weight_type="fp8", act=name.split("-")[1], act_type="fp8")
+    x = _input(3, 5, 64).reshape(-1, 64)
+    q = QuantLinear.from_linear(_linear(), scheme, act_range=(-10.0, 30.0), path="fake")
+    x_q, scale, zp = q.quantize_input(x)
+    assert torch.equal(q.fake_quantize_input(x), (x_q.float() - zp.float()) * scale)
