@@ -30,13 +30,21 @@ def _mlflow():
     return mlflow
 
 
+# mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into the environment; URIs that quantmill
+# chose itself must not then be mistaken for the user's choice (a later run with another
+# QUANTMILL_HOME would log into the old home).
+_DEFAULT_URIS: set[str] = set()
+
+
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
+    if uri and uri not in _DEFAULT_URIS:
         return uri
     folder = store().root / "mlflow"
     folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}"
+    default = f"sqlite:///{folder / 'mlflow.db'}"
+    _DEFAULT_URIS.add(default)
+    return default
 
 
 def client():
