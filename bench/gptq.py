@@ -32,10 +32,10 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import warnings
@@ -132,7 +132,8 @@ def measure_child(args) -> None:
         return {
             "recipe": recipe.name, "key": q["key"], "path": q["path"], "reused": q["reused"],
             "rss_before_mb": before, "peak_mb": peak, "peak_exact": exact, "wall_s": wall,
-            "quantize_seconds": m["quantize_seconds"], "mean_block_seconds": m.get("mean_block_seconds"),
+            "quantize_seconds": m["quantize_seconds"] + m.get("resumed_block_seconds", 0.0),
+            "resumed_blocks": m.get("resumed_blocks", 0), "mean_block_seconds": m.get("mean_block_seconds"),
             "blocks_timed": len(m.get("block_seconds", {})),
         }
 
@@ -186,40 +187,55 @@ def record_path(home: Path, key: str) -> Path:
     return home / "bench" / "gptq" / f"{key}.json"
 
 
-def measure(recipe_ref: str, args, home: Path) -> dict:
+def measure(recipe_ref: str, key: str, args, home: Path, attempts: int = 3) -> dict:
     """Run the quantize stage of one recipe in a fresh process against a scratch store; the
-    measurement is recorded under $QUANTMILL_HOME/bench/gptq/<quantize key>.json."""
-    scratch = Path(tempfile.mkdtemp(prefix=".bench-scratch-", dir=home))
-    try:
-        for stage in SHARED_STAGES:
-            if (home / stage).exists():
-                (scratch / stage).symlink_to(home / stage)
-        result = scratch / "result.json"
-        cmd = [sys.executable, __file__, "--measure", recipe_ref, "--result", str(result), "--model", args.model,
-               "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows)]
+    measurement is recorded under $QUANTMILL_HOME/bench/gptq/<quantize key>.json.
+
+    The scratch store is kept when the process dies (a machine shared with other jobs may kill
+    it), so the next attempt resumes the stage at the next block, as the store is built to; the
+    record then says how many blocks were resumed and the stage's time includes theirs.
+    """
+    scratch = home / ".bench-scratch" / key
+    scratch.mkdir(parents=True, exist_ok=True)
+    for stage in SHARED_STAGES:
+        if (home / stage).exists() and not (scratch / stage).exists():
+            (scratch / stage).symlink_to(home / stage)
+    result = scratch / "result.json"
+    cmd = [sys.executable, __file__, "--measure", recipe_ref, "--result", str(result), "--model", args.model,
+           "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows)]
+    for attempt in range(1, attempts + 1):
+        result.unlink(missing_ok=True)
         proc = subprocess.run(cmd, env={**os.environ, "QUANTMILL_HOME": str(scratch)}, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"measuring {recipe_ref} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        out = json.loads(result.read_text())
-        fresh = Path(out["path"])
-        final = home / "quantize" / out["key"]
-        if (final / "manifest.json").is_file():
-            out["same_as_stored"] = _tree_digest(fresh / "checkpoint") == _tree_digest(final / "checkpoint")
-        else:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():
-                shutil.rmtree(final)  # a folder without a manifest is not an entry
-            os.replace(fresh, final)
-            out["same_as_stored"] = None
-        out["path"] = str(final)
-        out["measured"] = time.strftime("%Y-%m-%d %H:%M")
-        out["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-        record = record_path(home, out["key"])
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(out, indent=1))
-        return out
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if proc.returncode == 0:
+            break
+        tail = (proc.stdout[-1500:] + proc.stderr[-1500:]).strip()
+        if attempt == attempts or "termination signal" not in tail and proc.returncode >= 0:
+            raise RuntimeError(f"measuring {recipe_ref} failed (exit {proc.returncode}); the scratch store {scratch} is kept for a resume:\n{tail}")
+        print(f"  {recipe_ref}: the measuring process was killed (exit {proc.returncode}); resuming", flush=True)
+    out = json.loads(result.read_text())
+    out["attempts"] = attempt
+    fresh = Path(out["path"])
+    final = home / "quantize" / out["key"]
+    if (final / "manifest.json").is_file():
+        out["same_as_stored"] = _tree_digest(fresh / "checkpoint") == _tree_digest(final / "checkpoint")
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            shutil.rmtree(final)  # a folder without a manifest is not an entry
+        os.replace(fresh, final)
+        out["same_as_stored"] = None
+    out["path"] = str(final)
+    out["measured"] = time.strftime("%Y-%m-%d %H:%M")
+    out["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    record = record_path(home, out["key"])
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(out, indent=1))
+    shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def _name(ref: str) -> str:
+    return Path(ref).stem if ref.endswith(".yaml") else ref
 
 
 def _f(v, fmt: str) -> str:
@@ -234,11 +250,13 @@ def table(summary: dict, measured: dict[str, dict], fp_mb: float) -> str:
     lines.append(["float32 reference", "-", f"{fp['ppl']:.3f}", "1.000", "-", "-", "-", "-", "-", "-"])
     for scheme, rtn, gptq in PAIRS:
         for method, ref in (("RTN", rtn), ("GPTQ", gptq)):
-            name = Path(ref).stem if ref.endswith(".yaml") else ref
+            name = _name(ref)
+            if name not in rows_by or name not in measured:
+                continue
             r, m = rows_by[name], measured[name]
             lines.append([
                 scheme, method, f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.3f}", f"{r['kl']:.4f}", f"{r['top1_agreement']:.3f}",
-                f"{m['quantize_seconds']:.1f}", _f(m["mean_block_seconds"], ".2f"), f"{m['peak_mb']:.0f}",
+                f"{m['quantize_seconds']:.1f}" + ("*" if m.get("resumed_blocks") else ""), _f(m["mean_block_seconds"], ".2f"), f"{m['peak_mb']:.0f}",
                 f"{m['peak_mb'] - m['rss_before_mb']:.0f}",
             ])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
@@ -253,28 +271,35 @@ def table(summary: dict, measured: dict[str, dict], fp_mb: float) -> str:
 def checks(summary: dict, measured: dict[str, dict], fp_mb: float) -> str:
     rows = {r["recipe"]: r for r in summary["rows"]}
     fp = summary["reference"]["ppl"]
-    ratio = (rows["w4a16-gptq"]["ppl"] - fp) / (rows["w4a16-rtn"]["ppl"] - fp)
-    g64 = rows["w4a16-gptq-g64"]["ppl"], rows["w4a16-rtn-g64"]["ppl"]
-    gptq = [n for _, _, n in PAIRS]
-    worst = max(gptq, key=lambda n: measured[n]["peak_mb"])
-    worst_delta = max(gptq, key=lambda n: measured[n]["peak_mb"] - measured[n]["rss_before_mb"])
-    budget = 2 * fp_mb
     ok = lambda c: "PASS" if c else "FAIL"  # noqa: E731
-    lines = [
-        f"(ppl_gptq - ppl_fp) / (ppl_rtn - ppl_fp), w4a16 per-channel: {ratio:.3f} (must be <= 0.75): {ok(ratio <= 0.75)}",
-        f"w4a16 g64: GPTQ ppl {g64[0]:.3f} vs RTN {g64[1]:.3f} (must be below): {ok(g64[0] < g64[1])}",
-        f"fp32 checkpoint {fp_mb:.0f} MB -> budget 2 x = {budget:.0f} MB",
-        f"peak RSS of a GPTQ quantize stage (whole process, incl. ~{measured[worst]['rss_before_mb']:.0f} MB of imported libraries): "
-        f"{measured[worst]['peak_mb']:.0f} MB ({worst}): {ok(measured[worst]['peak_mb'] <= budget)}",
-        f"peak RSS added by a GPTQ quantize stage (above the process before it): "
-        f"{measured[worst_delta]['peak_mb'] - measured[worst_delta]['rss_before_mb']:.0f} MB ({worst_delta}): "
-        f"{ok(measured[worst_delta]['peak_mb'] - measured[worst_delta]['rss_before_mb'] <= budget)}",
-    ]
+    lines = []
+    if {"w4a16-gptq", "w4a16-rtn"} <= set(rows):
+        ratio = (rows["w4a16-gptq"]["ppl"] - fp) / (rows["w4a16-rtn"]["ppl"] - fp)
+        lines.append(f"(ppl_gptq - ppl_fp) / (ppl_rtn - ppl_fp), w4a16 per-channel: {ratio:.3f} (must be <= 0.75): {ok(ratio <= 0.75)}")
+    if {"w4a16-gptq-g64", "w4a16-rtn-g64"} <= set(rows):
+        g64 = rows["w4a16-gptq-g64"]["ppl"], rows["w4a16-rtn-g64"]["ppl"]
+        lines.append(f"w4a16 g64: GPTQ ppl {g64[0]:.3f} vs RTN {g64[1]:.3f} (must be below): {ok(g64[0] < g64[1])}")
+    gptq = [_name(n) for _, _, n in PAIRS if _name(n) in measured]
+    budget = 2 * fp_mb
+    lines.append(f"fp32 checkpoint {fp_mb:.0f} MB -> budget 2 x = {budget:.0f} MB")
+    if gptq:
+        worst = max(gptq, key=lambda n: measured[n]["peak_mb"])
+        worst_delta = max(gptq, key=lambda n: measured[n]["peak_mb"] - measured[n]["rss_before_mb"])
+        lines += [
+            f"peak RSS of a GPTQ quantize stage (whole process, incl. ~{measured[worst]['rss_before_mb']:.0f} MB of imported libraries): "
+            f"{measured[worst]['peak_mb']:.0f} MB ({worst}): {ok(measured[worst]['peak_mb'] <= budget)}",
+            f"peak RSS added by a GPTQ quantize stage (above the process before it): "
+            f"{measured[worst_delta]['peak_mb'] - measured[worst_delta]['rss_before_mb']:.0f} MB ({worst_delta}): "
+            f"{ok(measured[worst_delta]['peak_mb'] - measured[worst_delta]['rss_before_mb'] <= budget)}",
+        ]
     if not all(m["peak_exact"] for m in measured.values()):
         lines.append("note: /proc/self/clear_refs unavailable: peaks include the process's start-up")
     lines.append("quantize stages measured (1-min load average of the machine): " + ", ".join(
         f"{n} {m.get('measured', '?')} ({m['load_average'][0]:.1f})" if m.get("load_average") else f"{n} {m.get('measured', '?')}"
         for n, m in measured.items()))
+    resumed = [f"{n} ({m['resumed_blocks']} blocks)" for n, m in measured.items() if m.get("resumed_blocks")]
+    if resumed:
+        lines.append("* killed by another job and resumed by the store (time = both runs' blocks + the last run; peak = the last run's): " + ", ".join(resumed))
     same = [n for n, m in measured.items() if m.get("same_as_stored") is not None]
     if same:
         lines.append("re-quantized entries identical to the stored ones: "
@@ -288,6 +313,7 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--only", nargs="+", help="only these recipes (names of the table's, or extra YAML files)")
     p.add_argument("--remeasure", action="store_true", help="measure every quantize stage again, even when recorded")
     p.add_argument("--measure", help=argparse.SUPPRESS)  # child mode: one quantize stage
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -296,6 +322,7 @@ def main() -> None:
         measure_child(args)
         return
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below (our Prefect server)
     server = start_prefect_server()  # before prefect is imported: its settings read PREFECT_API_URL once
     from quant.recipe import load_recipe
     from tasks.quantize import quantize_key
@@ -312,6 +339,8 @@ def main() -> None:
         shared = quantize_flow(model=args.model, recipes=[], calibration=calibration, evaluation=evaluation)
         keys = {s["stage"]: s["key"] for s in shared["stages"]}
         recipes = list(dict.fromkeys(r for _, rtn, gptq in PAIRS for r in (rtn, gptq)))
+        if args.only:  # a subset (experiments); the table shows what it has
+            recipes = [r for r in recipes if _name(r) in args.only] + [r for r in args.only if r.endswith(".yaml")]
         measured: dict[str, dict] = {}
         for ref in recipes:
             recipe = load_recipe(ref)
@@ -322,7 +351,7 @@ def main() -> None:
                 how = f"recorded {m['measured']}"
             else:
                 t = time.perf_counter()
-                m = measure(ref, args, home)
+                m = measure(ref, key, args, home)
                 how = f"measured now, {time.perf_counter() - t:.0f} s with start-up"
             measured[m["recipe"]] = m
             print(f"  {m['recipe']:<24} quantize {m['quantize_seconds']:7.1f} s  peak {m['peak_mb']:6.0f} MB "

@@ -161,6 +161,12 @@ def _load_progress(partial: Path | None) -> int:
     return int(json.loads((partial / "progress.json").read_text())["done"])
 
 
+def finished_blocks(partial: Path | None) -> dict[int, dict[str, Any]]:
+    """The metadata of the blocks a killed run finished (what a resume will not walk again)."""
+    done = _load_progress(partial)
+    return {i: json.loads((partial / f"block-{i:04d}.json").read_text()) for i in range(done + 1)}
+
+
 def run_sequential(
     model: nn.Module,
     input_ids: torch.Tensor,

@@ -18,7 +18,7 @@ import quant
 from quant.checkpoint import save_quantized
 from quant.methods import METHODS, MethodContext
 from quant.recipe import Recipe
-from quant.sequential import pick_device, release_host_memory
+from quant.sequential import finished_blocks, pick_device, release_host_memory
 from quant.sources import load_model
 from quant.stats import load_stats
 from tasks.calibrate import read_token_table
@@ -87,7 +87,9 @@ def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str
         src = checkpoint_dir(model)
         net = load_model(src)
         progress = Progress(f"quantize {recipe.name}: blocks done")
-        block_seconds: dict[int, float] = {}
+        # Blocks an earlier, killed run finished keep their times (their metadata is in the partial folder).
+        resumed = {i: m["seconds"] for i, m in finished_blocks(tmp / "partial").items() if isinstance(m.get("seconds"), (int, float))}
+        block_seconds: dict[int, float] = dict(resumed)
 
         def on_block_done(index: int, total: int, meta: dict[str, Any]) -> None:
             if isinstance(meta.get("seconds"), (int, float)):
@@ -112,9 +114,12 @@ def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str
             pq.write_table(pa.table({c: [json.dumps(r.get(c)) if isinstance(r.get(c), (list, dict)) else r.get(c) for r in result.report] for c in columns}), tmp / "report.parquet")
         (tmp / "report.json").write_text(json.dumps(result.report, indent=1))
         manifest = {"recipe": recipe.model_dump(mode="json"), "recipe_hash": recipe.hash, "quantize_seconds": seconds, "modules": len(result.weights), "notes": result.notes}
-        if block_seconds:  # blocks walked by this run (a resumed run's earlier blocks are not timed again)
+        if block_seconds:  # wall time per block (the engine's), including blocks of a killed earlier run
             manifest["block_seconds"] = {str(i): block_seconds[i] for i in sorted(block_seconds)}
             manifest["mean_block_seconds"] = sum(block_seconds.values()) / len(block_seconds)
+        if resumed:  # quantize_seconds covers this run only; the blocks before it took sum(resumed)
+            manifest["resumed_blocks"] = len(resumed)
+            manifest["resumed_block_seconds"] = sum(resumed.values())
         entry = s.commit(tmp, STAGE, key, manifest)
     _report_artifact(recipe, result.report, block_seconds)
     log(f"quantized {recipe.name} ({len(result.weights)} modules, {seconds:.1f} s) -> key {key[:12]}")

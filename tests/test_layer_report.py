@@ -82,3 +82,20 @@ def test_register_logs_the_layer_report_per_block(prefect_api, tiny_model: Path,
     if recipe.startswith("w4a16-gptq"):
         assert "seconds" in table  # the sequential engine timed each block
         assert len(c.get_metric_history(run_id, "block.seconds")) == BLOCKS
+
+
+def test_block_times_survive_a_kill(tiny_model: Path, tmp_path: Path):
+    """The engine times every block into its partial metadata, so a resumed stage still knows
+    how long the blocks of the killed run took (tasks/quantize.py puts them in the manifest)."""
+    import torch
+
+    from quant.sequential import finished_blocks, run_sequential
+    from quant.sources import load_model
+
+    model = load_model(tiny_model)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    visit = lambda i, block, inputs, forward: ({}, {"block": i}, None)  # noqa: E731
+    assert finished_blocks(tmp_path / "partial") == {}
+    run_sequential(model, ids, visit, device=torch.device("cpu"), batch_size=2, partial_dir=tmp_path / "partial", stop_after=0)
+    done = finished_blocks(tmp_path / "partial")
+    assert list(done) == [0] and done[0]["block"] == 0 and done[0]["seconds"] > 0
