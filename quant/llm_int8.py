@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from quant.errors import RecipeError
+from quant.modules import int8_matmul
 from quant.qparams import compute_qparams, quantize, quantize_weight_rtn
 
 DEFAULT_THRESHOLD = 6.0
@@ -32,26 +33,6 @@ def validate_threshold(threshold: float) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold <= 0:
         raise RecipeError(f"llm_int8 threshold must be a number > 0, got {threshold!r}")
     return float(threshold)
-
-
-def int8_matmul(A: torch.Tensor, B: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """A[M, K] int8 @ B[K, N] int8 -> int32, exactly.
-
-    "int_mm": torch._int_mm (fast on CUDA; needs shapes it supports, e.g. M > 16, K and N
-    multiples of 8). "emulate": float64 matmul of the integers, exact while
-    K * 127 * 128 < 2^53, then int32. "auto": emulate on the CPU (torch 2.13's CPU _int_mm
-    measured ~15x slower than the float64 product on a 512x576x1536 product, same result),
-    elsewhere int_mm, falling back to emulate.
-    """
-    if backend not in ("auto", "int_mm", "emulate"):
-        raise ValueError(f"unknown int8 matmul backend {backend!r}")
-    if backend == "int_mm" or (backend == "auto" and A.device.type != "cpu"):
-        try:
-            return torch._int_mm(A.contiguous(), B.contiguous())
-        except (RuntimeError, NotImplementedError):
-            if backend == "int_mm":
-                raise
-    return (A.double() @ B.double()).to(torch.int32)
 
 
 class LLMInt8Linear(nn.Module):
@@ -117,7 +98,7 @@ class LLMInt8Linear(nn.Module):
         absmax = X_r.abs().amax(dim=1, keepdim=True)
         s_x, zp = compute_qparams(-absmax, absmax, 8, True)
         X_q = quantize(X_r, s_x, zp, 8).to(torch.int8)
-        acc = int8_matmul(X_q, self.weight.t(), self.backend)  # [T, out] int32
+        acc = int8_matmul(X_q, self.weight, self.backend)  # [T, out] int32
         Y = acc.float() * s_x * self.weight_scale.t()
 
         # float part: outlier columns of X with the de-quantized int8 weight columns.

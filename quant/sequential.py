@@ -64,6 +64,23 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _libc() -> Any:
+    """glibc through ctypes, or None (not Linux, or a libc without malloc_trim/mallopt)."""
+    global _glibc
+    if _glibc is None:
+        _glibc = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                lib = ctypes.CDLL("libc.so.6")
+                if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt"):
+                    _glibc = lib
+            except OSError:  # not glibc (musl, ...)
+                pass
+    return _glibc or None
+
+
 def release_host_memory() -> None:
     """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
 
@@ -71,21 +88,28 @@ def release_host_memory() -> None:
     per-Linear temporaries of a walk (float copies, int32 codes, Hessian products) would otherwise
     stay in the process's resident set and add up to hundreds of MB on a 135M model.
     """
-    global _malloc_trim
-    if _malloc_trim is None:
-        _malloc_trim = False
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
-
-                _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-            except (OSError, AttributeError):  # not glibc (musl, ...)
-                pass
-    if _malloc_trim:
-        _malloc_trim(0)
+    lib = _libc()
+    if lib:
+        lib.malloc_trim(0)
 
 
-_malloc_trim: Any = None
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def return_large_frees_to_os(threshold_bytes: int = 1 << 20) -> None:
+    """Serve allocations of >= threshold_bytes with their own mmap, so freeing one unmaps it.
+
+    glibc's adaptive threshold climbs to 32 MB once a large block is freed; after that the
+    float weights a quantizer replaces one by one (3.5 MB each on demo) are freed into the heap
+    and stay resident until the end. Measured on demo's RTN W4 stage: the checkpoint writer's
+    peak RSS went from 1405 MB to 1115 MB. Process-wide and one-way (glibc has no getter).
+    """
+    lib = _libc()
+    if lib:
+        lib.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes))
+
+
+_glibc: Any = None
 
 
 def _move(value: Any, device: torch.device) -> Any:

@@ -18,7 +18,7 @@ import quant
 from quant.checkpoint import save_quantized
 from quant.methods import METHODS, MethodContext
 from quant.recipe import Recipe
-from quant.sequential import finished_blocks, pick_device, release_host_memory
+from quant.sequential import finished_blocks, pick_device, release_host_memory, return_large_frees_to_os
 from quant.sources import load_model
 from quant.stats import load_stats
 from tasks.calibrate import read_token_table
@@ -84,6 +84,7 @@ def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str
         return entry_result(found, reused=True)
     with s.build(STAGE, key) as tmp:
         start = time.perf_counter()
+        return_large_frees_to_os()  # replaced float weights leave the resident set (peak host memory)
         src = checkpoint_dir(model)
         net = load_model(src)
         progress = Progress(f"quantize {recipe.name}: blocks done")

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from quant.awq import LINEARS, apply_awq_to_layer, awq_search_scales, capture_linear_inputs, clip_search
 from quant.errors import RecipeError
 from quant.qparams import quantize_weight_rtn
+from tests.tiny import capture_block_inputs
 
 SALIENT = [3, 17, 40]
 BITS, GROUP = 4, 32
@@ -30,30 +31,6 @@ def tiny_model_with_salient_channels(seed: int = 0) -> LlamaForCausalLM:
             layer.input_layernorm.weight[SALIENT] *= 50.0
             layer.post_attention_layernorm.weight[SALIENT[:2]] *= 50.0
     return model
-
-
-class _Stop(Exception):
-    pass
-
-
-def capture_block_inputs(model: LlamaForCausalLM, ids: torch.Tensor, i: int) -> tuple[torch.Tensor, dict]:
-    """Hidden states and keyword arguments the model passes to decoder layer i."""
-    got: dict = {}
-
-    def pre_hook(mod, args, kwargs):
-        got["x"] = (args[0] if args else kwargs.pop("hidden_states")).detach()
-        got["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
-
-    h = model.model.layers[i].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(ids, use_cache=False)  # no KV cache in the kwargs: re-running the layer must not grow it
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    return got["x"], got["kw"]
 
 
 def rtn_layer_(layer: nn.Module) -> nn.Module:

@@ -13,20 +13,13 @@ from quant.errors import RecipeError
 from quant.methods import METHODS, MethodContext
 from quant.recipe import Recipe, load_recipe
 from quant.sources import load_model
-from tests.tiny import make_tiny_llama
+from tests.tiny import make_tiny_llama_with_outliers
 
 
 @pytest.fixture(scope="module")
 def salient(tmp_path_factory) -> Path:
     """A tiny Llama (2 layers) with a few large input channels feeding every Linear, as in LLMs."""
-    folder = make_tiny_llama(tmp_path_factory.mktemp("awq") / "m", layers=2)
-    model = load_model(folder)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight[[5, 21]] *= 12.0
-    model.save_pretrained(folder)
-    return folder
+    return make_tiny_llama_with_outliers(tmp_path_factory.mktemp("awq") / "m", [5, 21], 12.0)
 
 
 def _calibration() -> torch.Tensor:

@@ -119,7 +119,7 @@ def test_saved_weight_dequantizes_to_what_the_solver_used(opts: GPTQOptions) -> 
     result = gptq_quantize(W, H, opts)
     assert result.loss == pytest.approx(_quadratic_error(W, H, result), rel=1e-3)
     qmin, qmax = int_range(opts.bits)
-    assert result.weight.q.dtype == torch.int32
+    assert result.weight.q.dtype == torch.int8  # held as int8: bits <= 8 (host memory)
     assert qmin <= int(result.weight.q.min()) and int(result.weight.q.max()) <= qmax
     groups = 1 if opts.group_size is None else 128 // opts.group_size
     assert result.weight.scale.shape == (32, groups) and result.weight.zero_point.shape == (32, groups)

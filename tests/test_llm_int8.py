@@ -11,7 +11,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from quant.errors import RecipeError
-from quant.llm_int8 import LLMInt8Linear, convert_linears, int8_matmul, validate_threshold
+from quant.llm_int8 import LLMInt8Linear, convert_linears, validate_threshold
+from quant.modules import int8_matmul
 from quant.qparams import compute_qparams, dequantize, quantize, quantize_weight_rtn
 
 OUTLIER_COLUMNS = [5, 20, 41]
@@ -112,8 +113,8 @@ def test_int8_matmul_backends_agree_exactly(shape: tuple[int, int, int]) -> None
     M, K, N = shape
     g = torch.Generator().manual_seed(0)
     A = torch.randint(-128, 128, (M, K), generator=g, dtype=torch.int8)
-    B = torch.randint(-128, 128, (K, N), generator=g, dtype=torch.int8)
-    exact = A.long() @ B.long()
+    B = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)  # [out, in], as a weight
+    exact = A.long() @ B.long().t()
     emulated = int8_matmul(A, B, "emulate")
     assert emulated.dtype == torch.int32 and torch.equal(emulated.long(), exact)
     assert torch.equal(int8_matmul(A, B, "auto").long(), exact)

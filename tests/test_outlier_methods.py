@@ -19,7 +19,7 @@ from quant.outlier_methods import llm_int8_outlier_fractions, smooth_layer
 from quant.recipe import Recipe, load_recipe
 from quant.sources import load_model
 from quant.stats import collect_stats
-from tests.tiny import make_tiny_llama
+from tests.tiny import make_tiny_llama_with_outliers
 
 OUTLIER_CHANNELS = [3, 17, 40]
 
@@ -31,14 +31,7 @@ def _ids(seed: int = 1, n: int = 16, length: int = 32) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory) -> Path:
     """A tiny Llama whose residual stream has outlier channels (norm weights x 40 there), as LLMs do."""
-    folder = make_tiny_llama(tmp_path_factory.mktemp("outliers") / "m", layers=2)
-    model = load_model(folder)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight[OUTLIER_CHANNELS] *= 40.0
-    model.save_pretrained(folder)
-    return folder
+    return make_tiny_llama_with_outliers(tmp_path_factory.mktemp("outliers") / "m", OUTLIER_CHANNELS, 40.0)
 
 
 @pytest.fixture(scope="module")

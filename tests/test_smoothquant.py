@@ -22,6 +22,7 @@ from quant.smoothquant import (
     smoothing_scales,
     weight_absmax,
 )
+from tests.tiny import capture_block_inputs
 
 OUTLIER_CHANNELS = [3, 17, 40]
 
@@ -56,30 +57,6 @@ def collect_act_absmax(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.T
     for h in hooks:
         h.remove()
     return stats
-
-
-class _Stop(Exception):
-    pass
-
-
-def capture_block_inputs(model: LlamaForCausalLM, ids: torch.Tensor, i: int) -> tuple[torch.Tensor, dict]:
-    """Hidden states and keyword arguments the model passes to decoder layer i."""
-    got: dict = {}
-
-    def pre_hook(mod, args, kwargs):
-        got["x"] = (args[0] if args else kwargs.pop("hidden_states")).detach()
-        got["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
-
-    h = model.model.layers[i].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(ids, use_cache=False)  # no KV cache in the kwargs: re-running the layer must not grow it
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    return got["x"], got["kw"]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

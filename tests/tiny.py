@@ -39,3 +39,42 @@ def make_tiny_llama(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 
     model.save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
+
+
+def make_tiny_llama_with_outliers(folder: Path, channels: list[int], factor: float, layers: int = 2) -> Path:
+    """The tiny Llama with a few large residual-stream channels (both norm weights x factor
+    there): every Linear behind a norm sees outlier input channels, as in real LLMs."""
+    from quant.sources import load_model
+
+    make_tiny_llama(folder, layers=layers)
+    model = load_model(folder)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[channels] *= factor
+    model.save_pretrained(folder)
+    return folder
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_block_inputs(model, ids: torch.Tensor, i: int) -> tuple[torch.Tensor, dict]:
+    """Hidden states and keyword arguments the model passes to decoder layer i."""
+    got: dict = {}
+
+    def pre_hook(mod, args, kwargs):
+        got["x"] = (args[0] if args else kwargs.pop("hidden_states")).detach()
+        got["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    h = model.model.layers[i].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(ids, use_cache=False)  # no KV cache in the kwargs: re-running the layer must not grow it
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return got["x"], got["kw"]
