@@ -249,10 +249,10 @@ def table(summary: dict, measured: dict[str, dict], fp_mb: float) -> str:
     fp = summary["reference"]
     lines.append(["float32 reference", "-", f"{fp['ppl']:.3f}", "1.000", "-", "-", "-", "-", "-", "-"])
     for scheme, rtn, gptq in PAIRS:
+        if not all(_name(r) in rows_by and _name(r) in measured for r in (rtn, gptq)):
+            continue  # a subset (--only) shows whole pairs only
         for method, ref in (("RTN", rtn), ("GPTQ", gptq)):
             name = _name(ref)
-            if name not in rows_by or name not in measured:
-                continue
             r, m = rows_by[name], measured[name]
             lines.append([
                 scheme, method, f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.3f}", f"{r['kl']:.4f}", f"{r['top1_agreement']:.3f}",

@@ -33,6 +33,7 @@ from quant.methods import is_ignored
 from quant.modules import QuantLinear, QuantScheme
 from quant.qparams import QuantizedWeight
 from quant.recipe import Recipe
+from quant.sequential import release_host_memory
 
 LINEAGE_FILE = "quantmill.json"
 RECIPE_FILE = "recipe.yaml"
@@ -101,12 +102,16 @@ def save_quantized(
     lineage: dict[str, Any],
     tokenizer_dir: Path | None = None,
     input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    release_weights: bool = False,
 ) -> None:
     """Write `model` with `weights` (module name -> integer or fp8 weight) in the compressed-tensors
     layout; static activation recipes also need `input_qparams` (module name -> input scale and
     zero point), saved as `input_scale` (+ `input_zero_point` when asymmetric).
 
-    The model is modified in place (its Linear weights become the de-quantized values).
+    The model is modified in place (its Linear weights become the de-quantized values). With
+    `release_weights` the `weights` dict is emptied once its numbers are in the model, so the
+    integer copies (int8 + scales: ~110 MB on demo) are not resident while the checkpoint is
+    compressed and written (the quantize stage's peak host memory).
     """
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
@@ -140,6 +145,9 @@ def save_quantized(
     stray = [n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None and n not in weights]
     if stray:
         raise ValueError(f"modules matched by the config but not quantized: {stray[:5]}")
+    if release_weights:
+        weights.clear()
+        release_host_memory()
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
     dst.mkdir(parents=True, exist_ok=True)

@@ -109,12 +109,16 @@ def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str
         result = METHODS[recipe.method](ctx)
         seconds = time.perf_counter() - start
         release_host_memory()  # the method's temporaries, before the checkpoint is written
-        save_quantized(net, result.weights, recipe, tmp / "checkpoint", {**lineage(model, calibration, stats, recipe, key), **result.notes}, tokenizer_dir=src, input_qparams=result.input_qparams)
+        modules = len(result.weights)
+        save_quantized(
+            net, result.weights, recipe, tmp / "checkpoint", {**lineage(model, calibration, stats, recipe, key), **result.notes},
+            tokenizer_dir=src, input_qparams=result.input_qparams, release_weights=True,
+        )
         if result.report:
             columns = sorted({k for row in result.report for k in row})
             pq.write_table(pa.table({c: [json.dumps(r.get(c)) if isinstance(r.get(c), (list, dict)) else r.get(c) for r in result.report] for c in columns}), tmp / "report.parquet")
         (tmp / "report.json").write_text(json.dumps(result.report, indent=1))
-        manifest = {"recipe": recipe.model_dump(mode="json"), "recipe_hash": recipe.hash, "quantize_seconds": seconds, "modules": len(result.weights), "notes": result.notes}
+        manifest = {"recipe": recipe.model_dump(mode="json"), "recipe_hash": recipe.hash, "quantize_seconds": seconds, "modules": modules, "notes": result.notes}
         if block_seconds:  # wall time per block (the engine's), including blocks of a killed earlier run
             manifest["block_seconds"] = {str(i): block_seconds[i] for i in sorted(block_seconds)}
             manifest["mean_block_seconds"] = sum(block_seconds.values()) / len(block_seconds)
@@ -123,5 +127,5 @@ def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str
             manifest["resumed_block_seconds"] = sum(resumed.values())
         entry = s.commit(tmp, STAGE, key, manifest)
     _report_artifact(recipe, result.report, block_seconds)
-    log(f"quantized {recipe.name} ({len(result.weights)} modules, {seconds:.1f} s) -> key {key[:12]}")
+    log(f"quantized {recipe.name} ({modules} modules, {seconds:.1f} s) -> key {key[:12]}")
     return entry_result(entry, reused=False)
