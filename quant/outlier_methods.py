@@ -209,7 +209,7 @@ def awq(ctx: MethodContext) -> MethodResult:
 
 # ----------------------------------------------------------------------------- SmoothQuant
 
-SMOOTHQUANT_OPTIONS = {"alpha", "grid", "search_samples", "v_o", "up_down"}
+SMOOTHQUANT_OPTIONS = {"alpha", "grid", "search_samples", "search_error", "v_o", "up_down"}
 UP_DOWN = ("mlp.up_proj", "mlp.down_proj")
 
 
@@ -274,9 +274,10 @@ def smooth_alpha_errors(
     prefix: str,
     v_o: bool,
     up_down: bool,
+    error: str = "token_relative",
 ) -> dict[float, float]:
-    """MSE of the smoothed, fake-W8A8 block output against the float block output, per alpha."""
-    from quant.smoothquant import block_output
+    """`output_error` of the smoothed, fake-W8A8 block against the float block, per alpha."""
+    from quant.smoothquant import block_output, output_error
 
     Y = block_output(layer, batches, kwargs)
     errors = {}
@@ -284,7 +285,7 @@ def smooth_alpha_errors(
         trial = copy.deepcopy(layer)
         smooth_layer(trial, act_absmax, alpha, prefix, v_o, up_down)
         trial = quantize_fn(trial)
-        errors[float(alpha)] = (block_output(trial, batches, kwargs) - Y).pow(2).mean().item()
+        errors[float(alpha)] = output_error(Y, block_output(trial, batches, kwargs), error)
     return errors
 
 
@@ -292,13 +293,15 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
     """SmoothQuant (Xiao et al. 2023), then the recipe's W8A8 scheme (as the `rtn` method).
 
     Options: alpha (in [0, 1], or "auto"), grid (the alphas tried by "auto", 0.0 to 1.0 by 0.05),
-    search_samples (calibration samples of the search, 8; whole batches of 8), v_o (smooth
+    search_samples (calibration samples of the search, 8; whole batches of 8), search_error
+    (what the search minimises: token_relative, the default, or mse; see
+    quant.smoothquant.output_error), v_o (smooth
     o_proj's input through v_proj, true), up_down (smooth down_proj's input through up_proj,
     true). The static input ranges come from the smoothed model's own statistics, recorded
     during the walk, so every observer sees the activations it will quantize.
     """
     from quant.observers import DEFAULT_NBINS
-    from quant.smoothquant import ALPHA_GRID, validate_alpha
+    from quant.smoothquant import ALPHA_GRID, SEARCH_ERRORS, validate_alpha
     from quant.stats import _block_visitor, stats_from_tensors
 
     recipe = ctx.recipe
@@ -308,6 +311,9 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
         raise RecipeError(f"recipe {recipe.name}: smoothquant prepares activations for quantization: add an `activations` scheme (W8A8)")
     grid = [validate_alpha(a) for a in recipe.options.get("grid", ALPHA_GRID)]
     samples = int(recipe.options.get("search_samples", 8))
+    search_error = recipe.options.get("search_error", "token_relative")
+    if search_error not in SEARCH_ERRORS:
+        raise RecipeError(f"recipe {recipe.name}: smoothquant search_error must be one of {SEARCH_ERRORS}, got {search_error!r}")
     v_o = bool(recipe.options.get("v_o", True))
     up_down = bool(recipe.options.get("up_down", True))
     prefix = layout_of(ctx.model).layers
@@ -323,7 +329,7 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
         a = alpha
         if alpha == "auto":
             batches, kwargs = _search_batches(inputs, samples)
-            errors = smooth_alpha_errors(block, batches, kwargs, absmax, quantize_fn, grid, p, v_o, up_down)
+            errors = smooth_alpha_errors(block, batches, kwargs, absmax, quantize_fn, grid, p, v_o, up_down, search_error)
             a = min(errors, key=lambda k: (errors[k], k))
             meta["alpha_errors"] = {str(k): v for k, v in errors.items()}
         scales = smooth_layer(block, absmax, a, p, v_o, up_down)

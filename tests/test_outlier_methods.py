@@ -215,6 +215,8 @@ def test_smoothquant_alpha_outside_0_1_is_a_recipe_error(planted, stats, alpha):
 def test_smoothquant_search_grid_outside_0_1_and_weight_only_recipes_are_refused(planted, stats):
     with pytest.raises(RecipeError, match=r"alpha must be in \[0, 1\]"):
         _run(planted, _with("w8a8-smoothquant-auto", grid=[0.5, 2.0]), stats)
+    with pytest.raises(RecipeError, match="search_error must be one of"):
+        _run(planted, _with("w8a8-smoothquant-auto", search_error="l1"), stats)
     weight_only = load_recipe("w8a8-smoothquant-a05").model_copy(update={"activations": None})
     with pytest.raises(RecipeError, match="add an `activations` scheme"):
         _run(planted, weight_only, stats)

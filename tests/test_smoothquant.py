@@ -197,3 +197,20 @@ def test_fold_handles_layernorm_bias_and_gemma_style_unit_offset_norms() -> None
             fold_smoothing(norm, [lin], s, name=type(norm).__name__)
             y1 = lin(norm(x))
         assert rel_err(y1, y0) < 1e-5, type(norm).__name__
+
+
+def test_token_relative_error_weighs_every_token_the_same() -> None:
+    """A massive-activation token (norm 1000x) decides plain MSE but not the per-token relative error."""
+    from quant.smoothquant import output_error
+
+    ref = torch.ones(1, 4, 8)
+    ref[0, 0] *= 1000.0
+    big_token_off = ref.clone()
+    big_token_off[0, 0] *= 1.01  # 1% error on the massive token only
+    small_tokens_off = ref.clone()
+    small_tokens_off[0, 1:] *= 1.5  # 50% error on every ordinary token
+    assert output_error(ref, big_token_off, "mse") > output_error(ref, small_tokens_off, "mse")
+    assert output_error(ref, big_token_off) < output_error(ref, small_tokens_off)
+    assert output_error(ref, small_tokens_off) == pytest.approx(3 / 4 * 0.25)
+    with pytest.raises(ValueError, match="search error"):
+        output_error(ref, ref, "l1")
