@@ -19,8 +19,7 @@ module turns them into `MethodContext -> MethodResult` functions over the sequen
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -263,32 +262,6 @@ def _fake_w8a8(recipe: Recipe):
     return lambda module: apply_fake_w8a8(module, granularity)
 
 
-@torch.no_grad()
-def smooth_alpha_errors(
-    layer: nn.Module,
-    batches: Sequence[torch.Tensor],
-    kwargs: Mapping[str, Any],
-    act_absmax: Mapping[str, torch.Tensor],
-    quantize_fn,
-    grid: Sequence[float],
-    prefix: str,
-    v_o: bool,
-    up_down: bool,
-    error: str = "token_relative",
-) -> dict[float, float]:
-    """`output_error` of the smoothed, fake-W8A8 block against the float block, per alpha."""
-    from quant.smoothquant import block_output, output_error
-
-    Y = block_output(layer, batches, kwargs)
-    errors = {}
-    for alpha in grid:
-        trial = copy.deepcopy(layer)
-        smooth_layer(trial, act_absmax, alpha, prefix, v_o, up_down)
-        trial = quantize_fn(trial)
-        errors[float(alpha)] = output_error(Y, block_output(trial, batches, kwargs), error)
-    return errors
-
-
 def smoothquant(ctx: MethodContext) -> MethodResult:
     """SmoothQuant (Xiao et al. 2023), then the recipe's W8A8 scheme (as the `rtn` method).
 
@@ -301,7 +274,7 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
     during the walk, so every observer sees the activations it will quantize.
     """
     from quant.observers import DEFAULT_NBINS
-    from quant.smoothquant import ALPHA_GRID, SEARCH_ERRORS, validate_alpha
+    from quant.smoothquant import ALPHA_GRID, SEARCH_ERRORS, alpha_errors, validate_alpha
     from quant.stats import _block_visitor, stats_from_tensors
 
     recipe = ctx.recipe
@@ -329,7 +302,11 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
         a = alpha
         if alpha == "auto":
             batches, kwargs = _search_batches(inputs, samples)
-            errors = smooth_alpha_errors(block, batches, kwargs, absmax, quantize_fn, grid, p, v_o, up_down, search_error)
+            with torch.no_grad():
+                errors = alpha_errors(
+                    block, batches, kwargs, absmax, quantize_fn, grid, p, search_error,
+                    smooth=lambda trial, a_: smooth_layer(trial, absmax, a_, p, v_o, up_down),
+                )
             a = min(errors, key=lambda k: (errors[k], k))
             meta["alpha_errors"] = {str(k): v for k, v in errors.items()}
         scales = smooth_layer(block, absmax, a, p, v_o, up_down)

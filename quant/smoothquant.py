@@ -376,13 +376,20 @@ def alpha_errors(
     grid: Sequence[float] = ALPHA_GRID,
     prefix: str = "",
     error: str = "token_relative",
+    smooth: Callable[[nn.Module, float], Any] | None = None,
 ) -> dict[float, float]:
-    """`output_error` of the smoothed, quantized block against the float block, for each alpha."""
+    """`output_error` of the smoothed, quantized block against the float block, for each alpha.
+
+    `smooth(copy_of_layer, alpha)` folds the scales (default: `smooth_decoder_layer` with
+    `act_absmax` and `prefix`)."""
     Y = block_output(layer, inputs, layer_kwargs)
     errors: dict[float, float] = {}
     for alpha in grid:
         trial = copy.deepcopy(layer)
-        smooth_decoder_layer(trial, act_absmax, alpha, prefix)
+        if smooth is None:
+            smooth_decoder_layer(trial, act_absmax, alpha, prefix)
+        else:
+            smooth(trial, alpha)
         q = quantize_fn(trial)
         trial = trial if q is None else q
         errors[float(alpha)] = output_error(Y, block_output(trial, inputs, layer_kwargs), error)
