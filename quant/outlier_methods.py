@@ -267,7 +267,7 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
 
     Options: alpha (in [0, 1], or "auto"), grid (the alphas tried by "auto", 0.0 to 1.0 by 0.05),
     search_samples (calibration samples of the search, 8; whole batches of 8), search_error
-    (what the search minimises: token_relative, the default, or mse; see
+    (what the search minimises: mse, the default, or token_relative; see
     quant.smoothquant.output_error), v_o (smooth
     o_proj's input through v_proj, true), up_down (smooth down_proj's input through up_proj,
     true). The static input ranges come from the smoothed model's own statistics, recorded
@@ -284,7 +284,7 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
         raise RecipeError(f"recipe {recipe.name}: smoothquant prepares activations for quantization: add an `activations` scheme (W8A8)")
     grid = [validate_alpha(a) for a in recipe.options.get("grid", ALPHA_GRID)]
     samples = int(recipe.options.get("search_samples", 8))
-    search_error = recipe.options.get("search_error", "token_relative")
+    search_error = recipe.options.get("search_error", "mse")
     if search_error not in SEARCH_ERRORS:
         raise RecipeError(f"recipe {recipe.name}: smoothquant search_error must be one of {SEARCH_ERRORS}, got {search_error!r}")
     v_o = bool(recipe.options.get("v_o", True))

@@ -209,8 +209,8 @@ def test_token_relative_error_weighs_every_token_the_same() -> None:
     big_token_off[0, 0] *= 1.01  # 1% error on the massive token only
     small_tokens_off = ref.clone()
     small_tokens_off[0, 1:] *= 1.5  # 50% error on every ordinary token
-    assert output_error(ref, big_token_off, "mse") > output_error(ref, small_tokens_off, "mse")
-    assert output_error(ref, big_token_off) < output_error(ref, small_tokens_off)
-    assert output_error(ref, small_tokens_off) == pytest.approx(3 / 4 * 0.25)
+    assert output_error(ref, big_token_off) > output_error(ref, small_tokens_off)  # mse, the default
+    assert output_error(ref, big_token_off, "token_relative") < output_error(ref, small_tokens_off, "token_relative")
+    assert output_error(ref, small_tokens_off, "token_relative") == pytest.approx(3 / 4 * 0.25)
     with pytest.raises(ValueError, match="search error"):
         output_error(ref, ref, "l1")
