@@ -40,14 +40,7 @@ W8A8 = [
 W4 = ["w4a16-rtn-g64", "w4a16-gptq-g64", "w4a16-awq-g64", "w4a16-awq-gptq-g64"]
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+from bench.tables import fmt, table  # noqa: E402  (after the sys.path line above)
 
 
 def details(row: dict, store, model_key: str, evaluation) -> str:
