@@ -274,7 +274,7 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
     during the walk, so every observer sees the activations it will quantize.
     """
     from quant.observers import DEFAULT_NBINS
-    from quant.smoothquant import ALPHA_GRID, SEARCH_ERRORS, alpha_errors, validate_alpha
+    from quant.smoothquant import ALPHA_GRID, SEARCH_ERRORS, alpha_errors, best_alpha, validate_alpha
     from quant.stats import _block_visitor, stats_from_tensors
 
     recipe = ctx.recipe
@@ -307,7 +307,7 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
                     block, batches, kwargs, absmax, quantize_fn, grid, p, search_error,
                     smooth=lambda trial, a_: smooth_layer(trial, absmax, a_, p, v_o, up_down),
                 )
-            a = min(errors, key=lambda k: (errors[k], k))
+            a = best_alpha(errors)
             meta["alpha_errors"] = {str(k): v for k, v in errors.items()}
         scales = smooth_layer(block, absmax, a, p, v_o, up_down)
         tensors, stats_meta, outputs = stats_visit(index, block, inputs, forward)

@@ -405,13 +405,18 @@ def search_alpha(
     quantize_fn: Callable[[nn.Module], nn.Module | None],
     grid: Sequence[float] = ALPHA_GRID,
     prefix: str = "",
+    error: str = "mse",
 ) -> float:
     """The alpha of `grid` whose smoothed + quantize_fn'd block is closest to the float block.
 
     quantize_fn gets a deep copy (smoothed) and may modify it in place or return a new module.
-    Ties go to the smaller alpha (less range moved into the weights).
     """
     for a in grid:
         validate_alpha(a)
-    errors = alpha_errors(layer, inputs, layer_kwargs, act_absmax, quantize_fn, grid, prefix)
+    return best_alpha(alpha_errors(layer, inputs, layer_kwargs, act_absmax, quantize_fn, grid, prefix, error))
+
+
+def best_alpha(errors: Mapping[float, float]) -> float:
+    """The alpha with the smallest error; ties go to the smaller alpha (less range moved into
+    the weights)."""
     return min(errors, key=lambda a: (errors[a], a))
