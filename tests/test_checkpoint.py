@@ -79,3 +79,18 @@ def test_indivisible_layers_can_stay_per_channel(tiny_model, tmp_path):
     served = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
     with torch.no_grad():
         assert (served(_ids()).logits - load_quantized(tmp_path / "q")(_ids()).logits).abs().max() < 1e-4
+
+
+def test_release_weights_empties_the_dict_and_writes_the_same_checkpoint(tiny_model, tmp_path):
+    """The quantize stage frees the integer copies before compressing; the files must not change."""
+    from safetensors.torch import load_file
+
+    recipe = _tiny_recipe("w4a16-rtn-g64")
+    model, result = _quantize(tiny_model, recipe)
+    save_quantized(model, result.weights, recipe, tmp_path / "kept", {})
+    model, result = _quantize(tiny_model, recipe)
+    assert all(qw.q.dtype == torch.int8 for qw in result.weights.values())  # int codes held as int8
+    save_quantized(model, result.weights, recipe, tmp_path / "released", {}, release_weights=True)
+    assert result.weights == {}
+    kept, released = load_file(tmp_path / "kept" / "model.safetensors"), load_file(tmp_path / "released" / "model.safetensors")
+    assert kept.keys() == released.keys() and all(torch.equal(kept[k], released[k]) for k in kept)
