@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 DEMO_RECIPES ?= w8a16-rtn w4a16-rtn w4a16-rtn-g64 w4a16-rtn-g64-asym
 
-.PHONY: setup demo test test-fast clean-venv
+.PHONY: setup demo test test-fast bench-peers clean-venv
 
 setup: $(STAMP)
 
@@ -30,5 +30,20 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# The peer tools (torchao, bitsandbytes) for bench/peers.py, outside quantmill's own venv: a second
+# venv that sees the first through a .pth file and adds only the peers (--no-deps: torch, numpy and
+# transformers come from the first).
+PEERS_VENV ?= .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP): $(STAMP) bench/peers-requirements.txt
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$$($(PEERS_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/quantmill-venv.pth"
+	$(PEERS_VENV)/bin/python -m pip install -q --no-deps -r bench/peers-requirements.txt
+	touch $@
+
+bench-peers: $(PEERS_STAMP)
+	$(PEERS_VENV)/bin/python bench/peers.py
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(PEERS_VENV)

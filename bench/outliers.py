@@ -55,7 +55,13 @@ def details(row: dict, store, model_key: str, evaluation) -> str:
         alphas = notes.get("smoothquant_alphas", [])
         after = [r["act_absmax"] for r in report if r.get("act_absmax") is not None]
         before = [r["act_absmax_before"] for r in report if r.get("act_absmax_before") is not None]
-        spread = f"alpha per block {min(alphas):.2f}..{max(alphas):.2f} (median {statistics.median(alphas):.2f})" if alphas else ""
+        spread = ""
+        if alphas and isinstance(alphas[0], dict):  # search: per_fold, one alpha per fold and block
+            spread = "alpha per fold, median over blocks: " + ", ".join(
+                f"{fold} {statistics.median(a[fold] for a in alphas):.2f}" for fold in alphas[0]
+            )
+        elif alphas:
+            spread = f"alpha per block {min(alphas):.2f}..{max(alphas):.2f} (median {statistics.median(alphas):.2f})"
         return f"{spread}; input max|x| over Linears: before {max(before):.0f}, after {max(after):.1f} (median {statistics.median(before):.2f} -> {statistics.median(after):.2f})"
     if method == "rtn" and (manifest["recipe"].get("activations") or {}).get("dynamic") is False:
         ranges = [x["act_absmax"] for x in report if x.get("act_absmax") is not None]

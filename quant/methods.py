@@ -138,6 +138,16 @@ def _outlier_method(name: str) -> Callable[[MethodContext], MethodResult]:
     return run
 
 
+# Bump a method's version when its numbers for the same recipe change (a new search, a fixed bug):
+# its quantize entries stop matching and are recomputed; other methods' entries stay valid.
+METHOD_VERSIONS: dict[str, int] = {
+    "rtn": 1,
+    "gptq": 1,
+    "llm_int8": 1,
+    "awq": 1,
+    "smoothquant": 1,
+}
+
 METHODS: dict[str, Callable[[MethodContext], MethodResult]] = {
     "rtn": rtn,
     "gptq": _gptq,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from quant.arch import layout_of
+from quant.arch import decoder_layers, layout_of
 from quant.errors import RecipeError, StatsError
 from quant.methods import MethodContext, MethodResult, layer_granularity, rtn, target_linears, weight_error_report
 from quant.qparams import QuantizedWeight, quantize_weight_rtn
@@ -208,7 +208,8 @@ def awq(ctx: MethodContext) -> MethodResult:
 
 # ----------------------------------------------------------------------------- SmoothQuant
 
-SMOOTHQUANT_OPTIONS = {"alpha", "grid", "search_samples", "search_error", "v_o", "up_down"}
+SMOOTHQUANT_OPTIONS = {"alpha", "grid", "search", "search_samples", "search_error", "v_o", "up_down", "quantizer"}
+SEARCHES = ("shared", "per_fold")
 UP_DOWN = ("mlp.up_proj", "mlp.down_proj")
 
 
@@ -228,7 +229,7 @@ def smoothquant_alpha(recipe: Recipe) -> float | str:
 def smooth_layer(
     layer: nn.Module,
     act_absmax: Mapping[str, torch.Tensor],
-    alpha: float,
+    alpha: float | Mapping[str, float],
     prefix: str = "",
     v_o: bool = True,
     up_down: bool = True,
@@ -236,20 +237,41 @@ def smooth_layer(
     """`smooth_decoder_layer` (norm -> q/k/v, norm -> gate/up, v -> o) plus, with `up_down`, the
     down_proj input through up_proj's rows: down_proj reads act(gate) * up, linear in each up
     channel, so dividing up row j by s_j divides down_proj input channel j by s_j exactly. That
-    input carries the largest activations of Llama-family models. Returns s per fold."""
-    from quant.smoothquant import _lookup, fold_smoothing_linear, get_submodule, smooth_decoder_layer, smoothing_scales
+    input carries the largest activations of Llama-family models. alpha: one number, or one per
+    fold (`quant.smoothquant.fold_names`). Returns s per fold."""
+    from quant.smoothquant import _lookup, alpha_for, fold_smoothing_linear, get_submodule, smooth_decoder_layer, smoothing_scales
 
     if up_down:  # resolve before any fold, so a refused layer is left untouched
         up, down = (get_submodule(layer, n, prefix) for n in UP_DOWN)
         if not isinstance(up, nn.Linear) or not isinstance(down, nn.Linear):
             raise RecipeError(f"{prefix}.{UP_DOWN[0]}: cannot fold smoothing (not a Linear)")
         down_absmax = _lookup(act_absmax, UP_DOWN[1], prefix)
+        up_alpha = alpha_for(alpha, UP_DOWN[0])
     scales = smooth_decoder_layer(layer, act_absmax, alpha, prefix, v_o=v_o)
     if up_down:
-        s = smoothing_scales(down_absmax, down.weight.detach().float().abs().amax(dim=0), alpha)
+        s = smoothing_scales(down_absmax, down.weight.detach().float().abs().amax(dim=0), up_alpha)
         fold_smoothing_linear(up, [down], s, name=f"{prefix}.{UP_DOWN[0]}" if prefix else UP_DOWN[0])
         scales[UP_DOWN[0]] = s
     return scales
+
+
+def fold_of(module: str, block: nn.Module) -> str:
+    """The fold that smooths a decoder-layer Linear's input ("self_attn.q_proj" -> "input_layernorm")."""
+    from quant.smoothquant import mlp_norm_name
+
+    leaf = module.rsplit(".", 1)[-1]
+    if leaf in ("q_proj", "k_proj", "v_proj"):
+        return "input_layernorm"
+    if leaf in ("gate_proj", "up_proj"):
+        return mlp_norm_name(block)
+    return {"o_proj": "self_attn.v_proj", "down_proj": UP_DOWN[0]}.get(leaf, leaf)
+
+
+GPTQ_KEY = "gptq."  # prefix of the integer weights in a block's partial result (beside the stats)
+
+
+def _gptq_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(GPTQ_KEY) :]: v for k, v in tensors.items() if k.startswith(GPTQ_KEY)}
 
 
 def _fake_w8a8(recipe: Recipe):
@@ -266,19 +288,25 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
     """SmoothQuant (Xiao et al. 2023), then the recipe's W8A8 scheme (as the `rtn` method).
 
     Options: alpha (in [0, 1], or "auto"), grid (the alphas tried by "auto", 0.0 to 1.0 by 0.05),
-    search_samples (calibration samples of the search, 8; whole batches of 8), search_error
+    search ("shared": one alpha per block, the default; "per_fold": one per fold, by coordinate
+    descent from the best shared one, `quant.smoothquant.search_fold_alphas`), search_samples (calibration samples of the search, 8; whole batches of 8), search_error
     (what the search minimises: mse, the default, or token_relative; see
     quant.smoothquant.output_error), v_o (smooth
     o_proj's input through v_proj, true), up_down (smooth down_proj's input through up_proj,
-    true). The static input ranges come from the smoothed model's own statistics, recorded
-    during the walk, so every observer sees the activations it will quantize.
+    true), quantizer (how the smoothed weights are quantized: rtn, the default, or gptq, which
+    also takes GPTQ's options: SmoothQuant moves activation range into the weights, and GPTQ
+    takes back much of the weight error that adds). The static input ranges come from the
+    smoothed model's own statistics, recorded during the walk, so every observer sees the
+    activations it will quantize.
     """
+    from quant.gptq_walk import OPTION_KEYS, block_linear_names, collect_weights, gptq_options, gptq_quantizer, quantize_block, restore_block_weights
+    from quant.schemes import static_input_qparams
     from quant.observers import DEFAULT_NBINS
-    from quant.smoothquant import ALPHA_GRID, SEARCH_ERRORS, alpha_errors, best_alpha, validate_alpha
+    from quant.smoothquant import ALPHA_GRID, SEARCH_ERRORS, alpha_errors, best_alpha, fold_names, search_fold_alphas, validate_alpha
     from quant.stats import _block_visitor, stats_from_tensors
 
     recipe = ctx.recipe
-    _check_options(recipe, SMOOTHQUANT_OPTIONS)
+    _check_options(recipe, SMOOTHQUANT_OPTIONS | OPTION_KEYS)
     alpha = smoothquant_alpha(recipe)
     if recipe.activations is None:
         raise RecipeError(f"recipe {recipe.name}: smoothquant prepares activations for quantization: add an `activations` scheme (W8A8)")
@@ -287,9 +315,28 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
     search_error = recipe.options.get("search_error", "mse")
     if search_error not in SEARCH_ERRORS:
         raise RecipeError(f"recipe {recipe.name}: smoothquant search_error must be one of {SEARCH_ERRORS}, got {search_error!r}")
+    search = recipe.options.get("search", "shared")
+    if search not in SEARCHES:
+        raise RecipeError(f"recipe {recipe.name}: smoothquant search must be one of {SEARCHES}, got {search!r}")
+    if search != "shared" and alpha != "auto":
+        raise RecipeError(f"recipe {recipe.name}: smoothquant search {search!r} needs alpha: auto")
     v_o = bool(recipe.options.get("v_o", True))
     up_down = bool(recipe.options.get("up_down", True))
+    quantizer = recipe.options.get("quantizer", "rtn")
+    if quantizer not in ("rtn", "gptq"):
+        raise RecipeError(f"recipe {recipe.name}: smoothquant quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
+    gptq_keys = set(recipe.options) & OPTION_KEYS
+    if gptq_keys and quantizer != "gptq":
+        raise RecipeError(f"recipe {recipe.name}: option(s) {sorted(gptq_keys)} apply to quantizer: gptq only")
+    if quantizer == "gptq" and recipe.weights.type != "int":
+        raise RecipeError(f"recipe {recipe.name}: smoothquant quantizer gptq needs integer weights (weights: type int)")
     prefix = layout_of(ctx.model).layers
+    plan = layer_granularity(recipe, target_linears(ctx.model, recipe))
+    quantize_one = None
+    if quantizer == "gptq":
+        gptq_recipe = recipe.model_copy(update={"options": {k: v for k, v in recipe.options.items() if k in OPTION_KEYS}})
+        quantize_one = gptq_quantizer(gptq_options(gptq_recipe, plan))
+    true_sequential = bool(recipe.options.get("true_sequential", False))
     quantize_fn = _fake_w8a8(recipe)
     stats_visit = _block_visitor(DEFAULT_NBINS)
 
@@ -302,44 +349,64 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
         a = alpha
         if alpha == "auto":
             batches, kwargs = _search_batches(inputs, samples)
-            with torch.no_grad():
-                errors = alpha_errors(
-                    block, batches, kwargs, absmax, quantize_fn, grid, p, search_error,
-                    smooth=lambda trial, a_: smooth_layer(trial, absmax, a_, p, v_o, up_down),
-                )
-            a = best_alpha(errors)
+            fold = lambda trial, a_: smooth_layer(trial, absmax, a_, p, v_o, up_down)  # noqa: E731
+            if search == "per_fold":
+                a, info = search_fold_alphas(block, batches, kwargs, fold_names(block, v_o, up_down), quantize_fn, fold, grid, search_error)
+                errors = info["shared"]
+                meta.update({"search_error": info["error"], "shared_search_error": info["shared_error"]})
+            else:
+                with torch.no_grad():
+                    errors = alpha_errors(block, batches, kwargs, absmax, quantize_fn, grid, p, search_error, smooth=fold)
+                a = best_alpha(errors)
             meta["alpha_errors"] = {str(k): v for k, v in errors.items()}
         scales = smooth_layer(block, absmax, a, p, v_o, up_down)
         tensors, stats_meta, outputs = stats_visit(index, block, inputs, forward)
-        tensors.update(_block_params(block))
+        tensors.update(_block_params(block))  # the smoothed float weights and norms, for a resume
         meta.update({"alpha": a, "aliases": stats_meta["aliases"], "scale_max": {k: float(v.max()) for k, v in scales.items()}, "scale_min": {k: float(v.min()) for k, v in scales.items()}})
+        if quantize_one is not None:  # GPTQ on the smoothed block; the engine re-runs it quantized
+            names = block_linear_names(block, index, prefix, plan)
+            weights, meta["report"] = quantize_block(index, block, inputs, forward, prefix, names, quantize_one, true_sequential)
+            tensors.update({GPTQ_KEY + k: v for k, v in weights.items()})
+            outputs = None
         return tensors, meta, outputs
 
     def restore(index: int, block: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         _restore_params(block, tensors)
+        if quantize_one is not None:
+            restore_block_weights(index, block, _gptq_tensors(tensors), meta["report"], prefix, recipe.weights.bits, plan)
 
     results = run_sequential(
         ctx.model, ctx.calibration, visit, device=ctx.device, batch_size=BATCH_SIZE, partial_dir=ctx.partial_dir,
         restore=restore, desc=f"smoothquant {recipe.name}", on_block_done=ctx.on_block_done,
     )
     smoothed_stats = {}
-    alphas: dict[int, float] = {}
+    alphas: dict[int, float | dict[str, float]] = {}
     for index, (tensors, meta) in enumerate(results):
         p = f"{prefix}.{index}."
-        stat_tensors = {k: v for k, v in tensors.items() if not k.startswith("float.")}
+        stat_tensors = {k: v for k, v in tensors.items() if not k.startswith(("float.", GPTQ_KEY))}
         for owner in {k.rsplit(".", 1)[0] for k in stat_tensors}:
             smoothed_stats[p + owner] = stats_from_tensors(owner, stat_tensors)
         for name, owner in meta["aliases"].items():
             smoothed_stats[p + name] = smoothed_stats[p + owner]
         alphas[index] = meta["alpha"]
-    result = rtn(MethodContext(ctx.model, recipe, smoothed_stats, ctx.calibration, ctx.device))
+    if quantize_one is None:
+        result = rtn(MethodContext(ctx.model, recipe, smoothed_stats, ctx.calibration, ctx.device))
+    else:
+        weights, report = collect_weights([(_gptq_tensors(t), m) for t, m in results], prefix, recipe.weights.bits, plan)
+        input_qparams, act_rows = static_input_qparams(recipe, smoothed_stats, list(weights))
+        for row in report:
+            row.update(act_rows.get(row["module"], {}))
+        fallbacks = [r["module"] for r in report if r.get("fallback_rtn")]
+        result = MethodResult(weights, report, {"gptq_rtn_fallbacks": fallbacks} if fallbacks else {}, input_qparams=input_qparams)
+    layers = decoder_layers(ctx.model)
     for row in result.report:
         index = int(row["module"][len(prefix) + 1 :].split(".", 1)[0])
         row["block"] = index
-        row["alpha"] = alphas[index]
+        a = alphas[index]
+        row["alpha"] = a[fold_of(row["module"], layers[index])] if isinstance(a, dict) else a
         row.setdefault("act_absmax", float(smoothed_stats[row["module"]].absmax.max()))
         before = ctx.stats.get(row["module"])
         if before is not None:
             row["act_absmax_before"] = float(before.absmax.max())
-    result.notes.update({"smoothquant_alpha": alpha, "smoothquant_alphas": [alphas[i] for i in sorted(alphas)]})
+    result.notes.update({"smoothquant_quantizer": quantizer, "smoothquant_alpha": alpha, "smoothquant_search": search if alpha == "auto" else None, "smoothquant_alphas": [alphas[i] for i in sorted(alphas)]})
     return result

@@ -52,6 +52,18 @@ def validate_alpha(alpha: float) -> float:
     return float(alpha)
 
 
+Alpha = float | Mapping[str, float]  # one migration strength, or one per fold (keyed by fold name)
+
+
+def alpha_for(alpha: Alpha, fold: str) -> float:
+    """The alpha of one fold: the shared number, or the fold's entry of a per-fold mapping."""
+    if isinstance(alpha, Mapping):
+        if fold not in alpha:
+            raise RecipeError(f"no smoothquant alpha for fold {fold!r} (have {sorted(alpha)})")
+        return validate_alpha(alpha[fold])
+    return validate_alpha(alpha)
+
+
 def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
     """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), clamped to [1e-5, 1e5].
 
@@ -203,6 +215,12 @@ def mlp_norm_name(layer: nn.Module) -> str:
     return "pre_feedforward_layernorm" if hasattr(layer, "pre_feedforward_layernorm") else "post_attention_layernorm"
 
 
+def fold_names(layer: nn.Module, v_o: bool = True, up_down: bool = False) -> list[str]:
+    """The folds of a decoder layer, by the module whose output is divided: the two norms, then
+    self_attn.v_proj (v -> o) and mlp.up_proj (up -> down) when those folds are on."""
+    return [g[0] for g in norm_groups(layer)] + ([V_O[0]] if v_o else []) + (["mlp.up_proj"] if up_down else [])
+
+
 def norm_groups(layer: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
     """SMOOTH_GROUPS with the MLP norm resolved for this layer."""
     return [(SMOOTH_GROUPS[0][0], SMOOTH_GROUPS[0][1]), (mlp_norm_name(layer), SMOOTH_GROUPS[1][1])]
@@ -250,7 +268,7 @@ def smooth_v_o(layer: nn.Module, o_act_absmax: torch.Tensor, alpha: float, prefi
 def smooth_decoder_layer(
     layer: nn.Module,
     act_absmax: Mapping[str, torch.Tensor],
-    alpha: float,
+    alpha: Alpha,
     prefix: str = "",
     v_o: bool = True,
 ) -> dict[str, torch.Tensor]:
@@ -258,9 +276,11 @@ def smooth_decoder_layer(
 
     act_absmax holds max|X_j| of each Linear's input, measured on the float model (keys relative to
     the layer or full names under `prefix`). Each fold leaves every other Linear's input unchanged,
-    so the order of the folds does not matter and the float statistics stay valid.
+    so the order of the folds does not matter and the float statistics stay valid. alpha is one
+    number, or one per fold keyed by the norm's name and "self_attn.v_proj" (see `fold_names`).
     """
-    alpha = validate_alpha(alpha)
+    for fold in fold_names(layer, v_o=v_o):
+        alpha_for(alpha, fold)
     # Resolve and check everything before the first fold, so a refused layer is left untouched.
     plan = []
     for norm_name, lin_names in norm_groups(layer):
@@ -280,11 +300,11 @@ def smooth_decoder_layer(
 
     out: dict[str, torch.Tensor] = {}
     for norm_name, where, norm, linears, X in plan:
-        s = smoothing_scales(X, weight_absmax(linears), alpha)
+        s = smoothing_scales(X, weight_absmax(linears), alpha_for(alpha, norm_name))
         fold_smoothing(norm, linears, s, name=where)
         out[norm_name] = s
     if v_o:
-        out[V_O[0]] = smooth_v_o(layer, o_absmax, alpha, prefix)
+        out[V_O[0]] = smooth_v_o(layer, o_absmax, alpha_for(alpha, V_O[0]), prefix)
     return out
 
 
@@ -414,6 +434,54 @@ def search_alpha(
     for a in grid:
         validate_alpha(a)
     return best_alpha(alpha_errors(layer, inputs, layer_kwargs, act_absmax, quantize_fn, grid, prefix, error))
+
+
+@torch.no_grad()
+def search_fold_alphas(
+    layer: nn.Module,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    layer_kwargs: Mapping[str, Any],
+    folds: Sequence[str],
+    quantize_fn: Callable[[nn.Module], nn.Module | None],
+    smooth: Callable[[nn.Module, Mapping[str, float]], Any],
+    grid: Sequence[float] = ALPHA_GRID,
+    error: str = "mse",
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """One alpha per fold, by coordinate descent on the block-output error.
+
+    The folds move different ranges (a norm into q/k/v, v_proj into o_proj, up_proj into down_proj)
+    and the best migration strength differs between them, so one shared alpha leaves error on the
+    table. Start from the best shared alpha of `grid` (what `alpha_errors` finds), then, fold by
+    fold, try every alpha of the grid with the others held and keep a strictly better one.
+    len(grid) + len(folds) * (len(grid) - 1) trials. Returns (alpha per fold, {"shared": error per
+    shared alpha, "error": the final error, "shared_error": the best shared alpha's error}).
+
+    `smooth(copy_of_layer, alphas)` folds the scales; quantize_fn as in `alpha_errors`.
+    """
+    for a in grid:
+        validate_alpha(a)
+    Y = block_output(layer, inputs, layer_kwargs)
+    tried: dict[tuple[float, ...], float] = {}
+
+    def err(alphas: Mapping[str, float]) -> float:
+        key = tuple(float(alphas[f]) for f in folds)
+        if key not in tried:
+            trial = copy.deepcopy(layer)
+            smooth(trial, alphas)
+            q = quantize_fn(trial)
+            tried[key] = output_error(Y, block_output(q if q is not None else trial, inputs, layer_kwargs), error)
+        return tried[key]
+
+    shared = {float(a): err({f: float(a) for f in folds}) for a in grid}
+    a0 = best_alpha(shared)
+    best, best_err = {f: a0 for f in folds}, shared[a0]
+    for fold in folds:
+        for a in grid:
+            candidate = {**best, fold: float(a)}
+            e = err(candidate)
+            if e < best_err:
+                best, best_err = candidate, e
+    return best, {"shared": shared, "shared_error": shared[a0], "error": best_err}
 
 
 def best_alpha(errors: Mapping[float, float]) -> float:

@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 
 import quant
 from quant.checkpoint import save_quantized
-from quant.methods import METHODS, MethodContext
+from quant.methods import METHOD_VERSIONS, METHODS, MethodContext
 from quant.recipe import Recipe
 from quant.sequential import finished_blocks, pick_device, release_host_memory, return_large_frees_to_os
 from quant.sources import load_model
@@ -31,11 +31,13 @@ STAGE = "quantize"
 
 
 def quantize_key(model_key: str, calibration_key: str, stats_key: str, recipe: Recipe) -> str:
-    return stage_key(
-        STAGE,
-        {"recipe_hash": recipe.hash},
-        {"model": model_key, "calibration": calibration_key, "stats": stats_key},
-    )
+    """The store key of one quantization. A method's code version enters the key once it is bumped
+    past 1 (METHOD_VERSIONS), so entries made before methods had versions keep their keys."""
+    params: dict[str, Any] = {"recipe_hash": recipe.hash}
+    version = METHOD_VERSIONS.get(recipe.method, 1)
+    if version != 1:
+        params["method_version"] = version
+    return stage_key(STAGE, params, {"model": model_key, "calibration": calibration_key, "stats": stats_key})
 
 
 def _key_of(p: dict[str, Any]) -> tuple[str, str]:

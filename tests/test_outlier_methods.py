@@ -156,6 +156,7 @@ STATIC = str(Path(__file__).resolve().parent.parent / "bench" / "recipes" / "w8a
     ("w8a8-smoothquant-a05", "w8a8-dynamic"),
     ("w8a8-smoothquant-a08", "w8a8-dynamic"),
     ("w8a8-smoothquant-auto", "w8a8-dynamic"),
+    ("w8a8-smoothquant-auto-gptq", "w8a8-dynamic"),
     (STATIC, "w8a8-static-minmax"),
 ])
 def test_smoothquant_checkpoint_loads_in_transformers_and_beats_naive_w8a8(planted, stats, tmp_path, name, naive):
@@ -220,6 +221,59 @@ def test_smoothquant_search_grid_outside_0_1_and_weight_only_recipes_are_refused
     weight_only = load_recipe("w8a8-smoothquant-a05").model_copy(update={"activations": None})
     with pytest.raises(RecipeError, match="add an `activations` scheme"):
         _run(planted, weight_only, stats)
+
+
+def test_smoothquant_per_fold_search_gives_each_fold_an_alpha_and_a_block_error_no_worse(planted, stats, tmp_path):
+    recipe = _with("w8a8-smoothquant-auto", grid=[0.3, 0.5, 0.8], search="per_fold")
+    seen = []
+    _, result = _run(planted, recipe, stats, tmp_path / "partial", lambda i, n, meta: seen.append(meta))
+    alphas = result.notes["smoothquant_alphas"]
+    assert result.notes["smoothquant_search"] == "per_fold"
+    assert all(set(a) == {"input_layernorm", "post_attention_layernorm", "self_attn.v_proj", "mlp.up_proj"} for a in alphas)
+    for meta in seen:  # coordinate descent starts at the best shared alpha: never worse than it
+        assert meta["search_error"] <= meta["shared_search_error"] == min(meta["alpha_errors"].values())
+    rows = {r["module"]: r for r in result.report}
+    assert rows["model.layers.1.self_attn.o_proj"]["alpha"] == alphas[1]["self_attn.v_proj"]
+    assert rows["model.layers.1.mlp.gate_proj"]["alpha"] == alphas[1]["post_attention_layernorm"]
+    print(f"per-fold alphas {alphas}; block errors {[(m['search_error'], m['shared_search_error']) for m in seen]}")
+
+
+def test_smoothquant_then_gptq_resumes_identically_and_lowers_the_weight_error_of_rtn(planted, stats, tmp_path):
+    recipe = _with(STATIC, alpha="auto", grid=[0.3, 0.6], quantizer="gptq")  # static: input scales from resumed stats
+    _, whole = _run(planted, recipe, stats)
+    _, rtn_result = _run(planted, _with(STATIC, alpha="auto", grid=[0.3, 0.6]), stats)
+    assert whole.notes["smoothquant_quantizer"] == "gptq" and whole.notes["smoothquant_alphas"] == rtn_result.notes["smoothquant_alphas"]
+
+    def die(i, n, meta):
+        if i == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(planted, recipe, stats, tmp_path / "partial", die)
+    _, resumed = _run(planted, recipe, stats, tmp_path / "partial")
+    for name, qw in whole.weights.items():
+        assert torch.equal(resumed.weights[name].q, qw.q), name
+        assert torch.equal(resumed.input_qparams[name][0], whole.input_qparams[name][0]), name
+    # the same smoothed weights; GPTQ's integer weights see the inputs: smaller output error (tr dW H dW^T)
+    gptq_err = {r["module"]: r["rel_output_error"] for r in whole.report}
+    rtn_err = {r["module"]: r["rel_output_error"] for r in rtn_result.report}
+    wins = sum(gptq_err[m] < rtn_err[m] for m in gptq_err)
+    print(f"GPTQ below RTN on {wins}/{len(gptq_err)} Linears; mean rel output error {sum(gptq_err.values()) / len(gptq_err):.2e} vs {sum(rtn_err.values()) / len(rtn_err):.2e}")
+    assert wins >= 0.8 * len(gptq_err)
+
+
+def test_smoothquant_gptq_options_need_quantizer_gptq_and_an_unknown_quantizer_is_refused(planted, stats):
+    with pytest.raises(RecipeError, match=r"w8a8-smoothquant-auto: option\(s\) \['actorder'\] apply to quantizer: gptq only"):
+        _run(planted, _with("w8a8-smoothquant-auto", actorder=True), stats)
+    with pytest.raises(RecipeError, match=r"smoothquant quantizer must be 'rtn' or 'gptq', got 'awq'"):
+        _run(planted, _with("w8a8-smoothquant-auto", quantizer="awq"), stats)
+
+
+def test_smoothquant_unknown_search_or_per_fold_with_a_fixed_alpha_is_refused(planted, stats):
+    with pytest.raises(RecipeError, match=r"w8a8-smoothquant-auto: smoothquant search must be one of \('shared', 'per_fold'\), got 'global'"):
+        _run(planted, _with("w8a8-smoothquant-auto", search="global"), stats)
+    with pytest.raises(RecipeError, match=r"w8a8-smoothquant-a05: smoothquant search 'per_fold' needs alpha: auto"):
+        _run(planted, _with("w8a8-smoothquant-a05", search="per_fold"), stats)
 
 
 def test_smoothquant_without_stats_is_a_stats_error(planted):

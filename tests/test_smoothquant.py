@@ -15,9 +15,11 @@ from quant.smoothquant import (
     FakeW8A8Linear,
     alpha_errors,
     apply_fake_w8a8,
+    fold_names,
     fold_smoothing,
     gqa_column_index,
     search_alpha,
+    search_fold_alphas,
     smooth_decoder_layer,
     smoothing_scales,
     weight_absmax,
@@ -140,13 +142,16 @@ def test_smoothquant_cuts_static_w8a8_error_on_outlier_channels() -> None:
     assert factor > 5
 
 
-def test_search_alpha_beats_no_smoothing_on_a_decoder_layer() -> None:
+def _search_case():
+    """Block 0 of the outlier-planted tiny model, its inputs, the input absmax and a 5-point grid."""
     model = tiny_model_with_outliers()
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
-    stats = collect_act_absmax(model, ids)
     x, kw = capture_block_inputs(model, ids, 0)
-    layer = model.model.layers[0]
-    grid = (0.0, 0.25, 0.5, 0.75, 1.0)
+    return model.model.layers[0], x, kw, collect_act_absmax(model, ids), (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_search_alpha_beats_no_smoothing_on_a_decoder_layer() -> None:
+    layer, x, kw, stats, grid = _search_case()
     errors = alpha_errors(layer, x, kw, stats, apply_fake_w8a8, grid, prefix="model.layers.0")
     alpha = search_alpha(layer, x, kw, stats, apply_fake_w8a8, grid, prefix="model.layers.0")
     print(f"\nblock output MSE per alpha: { {a: f'{e:.3e}' for a, e in errors.items()} }, chosen {alpha}")
@@ -214,3 +219,44 @@ def test_token_relative_error_weighs_every_token_the_same() -> None:
     assert output_error(ref, small_tokens_off, "token_relative") == pytest.approx(3 / 4 * 0.25)
     with pytest.raises(ValueError, match="search error"):
         output_error(ref, ref, "l1")
+
+
+def _smoothed_layer(alpha, seed: int = 0):
+    model = tiny_model_with_outliers(seed)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))
+    stats = collect_act_absmax(model, ids)
+    layer = model.model.layers[0]
+    smooth_decoder_layer(layer, stats, alpha, prefix="model.layers.0")
+    return layer
+
+
+def test_per_fold_alphas_all_equal_to_a_shared_alpha_fold_identically() -> None:
+    shared = _smoothed_layer(0.6)
+    per_fold = _smoothed_layer({fold: 0.6 for fold in fold_names(shared)})
+    for (name, a), (_, b) in zip(shared.state_dict().items(), per_fold.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_fold_without_an_alpha_is_a_recipe_error_naming_it() -> None:
+    with pytest.raises(RecipeError, match=r"no smoothquant alpha for fold 'self_attn\.v_proj'"):
+        _smoothed_layer({"input_layernorm": 0.5, "post_attention_layernorm": 0.5})
+
+
+def test_per_fold_search_is_never_worse_than_the_best_shared_alpha() -> None:
+    layer, x, kw, stats, grid = _search_case()
+    folds = fold_names(layer)
+    best, info = search_fold_alphas(
+        layer, x, kw, folds, apply_fake_w8a8,
+        lambda trial, a: smooth_decoder_layer(trial, stats, a, prefix="model.layers.0"), grid,
+    )
+    shared = alpha_errors(layer, x, kw, stats, apply_fake_w8a8, grid, prefix="model.layers.0")
+    print(f"\nper-fold alphas {best}: block MSE {info['error']:.3e} vs best shared {min(shared.values()):.3e}")
+    assert set(best) == set(folds) and all(a in grid for a in best.values())
+    assert info["shared"] == pytest.approx(shared)  # the first sweep is the shared search
+    assert info["error"] <= info["shared_error"] == min(shared.values())
+    trial = copy.deepcopy(layer)  # the reported error is that of the returned alphas
+    smooth_decoder_layer(trial, stats, best, prefix="model.layers.0")
+    from quant.smoothquant import block_output, output_error
+
+    err = output_error(block_output(layer, x, kw), block_output(apply_fake_w8a8(trial), x, kw))
+    assert err == pytest.approx(info["error"], rel=1e-6)

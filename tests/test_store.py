@@ -72,6 +72,21 @@ def test_bumping_a_stage_version_changes_its_keys_only(monkeypatch) -> None:
     assert stage_key("quantize", {"recipe": "r"}, {"model": "a"}) == other_before
 
 
+def test_bumping_a_method_version_changes_that_methods_quantize_keys_only(monkeypatch) -> None:
+    from quant.methods import METHOD_VERSIONS, METHODS
+    from quant.recipe import load_recipe
+    from tasks.quantize import quantize_key
+
+    assert set(METHOD_VERSIONS) == set(METHODS)
+    gptq, rtn = load_recipe("w4a16-gptq"), load_recipe("w4a16-rtn")
+    keys = lambda: (quantize_key("m", "c", "s", gptq), quantize_key("m", "c", "s", rtn))  # noqa: E731
+    assert all(v == 1 for v in METHOD_VERSIONS.values())  # version 1 is implied: older stores still match
+    gptq_before, rtn_before = keys()
+    monkeypatch.setitem(METHOD_VERSIONS, "gptq", 2)
+    gptq_after, rtn_after = keys()
+    assert gptq_after != gptq_before and rtn_after == rtn_before
+
+
 def test_every_stage_has_a_version() -> None:
     assert set(STAGE_VERSIONS) >= {"resolve_model", "capture_calibration", "collect_stats", "quantize", "evaluate"}
 
