@@ -48,7 +48,7 @@ def torchao_peer(make_config: Callable[[], object]) -> Callable:
         from torchao.quantization import quantize_
 
         quantize_(model, make_config(), filter_fn=_not_lm_head)
-        return model
+        return model.eval()
 
     return apply
 
@@ -68,7 +68,9 @@ def bnb_llm_int8(threshold: float) -> Callable:
             q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False, threshold=threshold)
             q.load_state_dict(lin.state_dict())
             setattr(owner, child, q.to(lin.weight.device))  # .to() quantizes the weight (CB, SCB)
-        return model
+        # eval(), after the swap: a Linear8bitLt in training mode runs on the CPU as MatMul8bitFp
+        # (de-quantized weights, float inputs), i.e. W8A16, not the LLM.int8() decomposition.
+        return model.eval()
 
     return apply
 
