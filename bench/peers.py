@@ -58,7 +58,6 @@ def bnb_llm_int8(threshold: float) -> Callable:
 
     def apply(model):
         import bitsandbytes as bnb
-        import torch.nn as nn
 
         names = [n for n, m in model.named_modules() if _not_lm_head(m, n)]
         for name in names:

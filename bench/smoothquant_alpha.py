@@ -17,7 +17,6 @@ Run (reusing the demo store, after bench/outliers.py made the smoothquant entrie
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -120,6 +120,28 @@ def llm_int8_outlier_fractions(model: nn.Module) -> dict[str, float]:
 AWQ_OPTIONS = {"grid", "clip", "search_samples", "quantizer"}
 
 
+def _quantizer_choice(recipe: Recipe) -> str:
+    """options.quantizer of awq / smoothquant: how the (scaled) weights are quantized, rtn or
+    gptq; GPTQ's own options are accepted with gptq only."""
+    from quant.gptq_walk import OPTION_KEYS
+
+    quantizer = recipe.options.get("quantizer", "rtn")
+    if quantizer not in ("rtn", "gptq"):
+        raise RecipeError(f"recipe {recipe.name}: {recipe.method} quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
+    gptq_keys = set(recipe.options) & OPTION_KEYS
+    if gptq_keys and quantizer != "gptq":
+        raise RecipeError(f"recipe {recipe.name}: option(s) {sorted(gptq_keys)} apply to quantizer: gptq only")
+    return quantizer
+
+
+def _gptq_quantizer(recipe: Recipe, plan: dict[str, tuple[str, int | None]]):
+    """The GPTQ solver with the recipe's GPTQ options, as a per-Linear quantizer for quantize_block."""
+    from quant.gptq_walk import OPTION_KEYS, gptq_options, gptq_quantizer
+
+    gptq_recipe = recipe.model_copy(update={"options": {k: v for k, v in recipe.options.items() if k in OPTION_KEYS}})
+    return gptq_quantizer(gptq_options(gptq_recipe, plan))
+
+
 def _rtn_quantizer(plan: dict[str, tuple[str, int | None]], recipe: Recipe):
     w = recipe.weights
 
@@ -138,7 +160,7 @@ def awq(ctx: MethodContext) -> MethodResult:
     samples the searches run on, 8; whole batches of 8).
     """
     from quant.awq import AWQ_GROUPS, apply_awq_to_layer
-    from quant.gptq_walk import OPTION_KEYS, block_linear_names, collect_weights, gptq_options, gptq_quantizer, quantize_block, restore_block_weights
+    from quant.gptq_walk import OPTION_KEYS, block_linear_names, collect_weights, quantize_block, restore_block_weights
     from quant.smoothquant import mlp_norm_name
 
     recipe = ctx.recipe
@@ -148,12 +170,7 @@ def awq(ctx: MethodContext) -> MethodResult:
         raise RecipeError(f"recipe {recipe.name}: awq searches scales for integer group-wise weights (weights: type int, granularity group)")
     if recipe.activations is not None:
         raise RecipeError(f"recipe {recipe.name}: awq is weight-only: remove `activations`")
-    quantizer = recipe.options.get("quantizer", "rtn")
-    if quantizer not in ("rtn", "gptq"):
-        raise RecipeError(f"recipe {recipe.name}: awq quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
-    gptq_keys = set(recipe.options) & OPTION_KEYS
-    if gptq_keys and quantizer != "gptq":
-        raise RecipeError(f"recipe {recipe.name}: option(s) {sorted(gptq_keys)} apply to quantizer: gptq only")
+    quantizer = _quantizer_choice(recipe)
     grid = int(recipe.options.get("grid", 20))
     clip = bool(recipe.options.get("clip", True))
     samples = int(recipe.options.get("search_samples", 8))
@@ -162,11 +179,7 @@ def awq(ctx: MethodContext) -> MethodResult:
 
     plan = layer_granularity(recipe, target_linears(ctx.model, recipe))
     prefix = layout_of(ctx.model).layers
-    if quantizer == "gptq":
-        gptq_recipe = recipe.model_copy(update={"options": {k: v for k, v in recipe.options.items() if k in OPTION_KEYS}})
-        quantize_one = gptq_quantizer(gptq_options(gptq_recipe, plan))
-    else:
-        quantize_one = _rtn_quantizer(plan, recipe)
+    quantize_one = _gptq_quantizer(recipe, plan) if quantizer == "gptq" else _rtn_quantizer(plan, recipe)
     true_sequential = bool(recipe.options.get("true_sequential", False))
 
     def visit(index: int, block: nn.Module, inputs: BlockInputs, forward):
@@ -299,7 +312,7 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
     smoothed model's own statistics, recorded during the walk, so every observer sees the
     activations it will quantize.
     """
-    from quant.gptq_walk import OPTION_KEYS, block_linear_names, collect_weights, gptq_options, gptq_quantizer, quantize_block, restore_block_weights
+    from quant.gptq_walk import OPTION_KEYS, block_linear_names, collect_weights, quantize_block, restore_block_weights
     from quant.schemes import static_input_qparams
     from quant.observers import DEFAULT_NBINS
     from quant.smoothquant import ALPHA_GRID, SEARCH_ERRORS, alpha_errors, best_alpha, fold_names, search_fold_alphas, validate_alpha
@@ -322,20 +335,12 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
         raise RecipeError(f"recipe {recipe.name}: smoothquant search {search!r} needs alpha: auto")
     v_o = bool(recipe.options.get("v_o", True))
     up_down = bool(recipe.options.get("up_down", True))
-    quantizer = recipe.options.get("quantizer", "rtn")
-    if quantizer not in ("rtn", "gptq"):
-        raise RecipeError(f"recipe {recipe.name}: smoothquant quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
-    gptq_keys = set(recipe.options) & OPTION_KEYS
-    if gptq_keys and quantizer != "gptq":
-        raise RecipeError(f"recipe {recipe.name}: option(s) {sorted(gptq_keys)} apply to quantizer: gptq only")
+    quantizer = _quantizer_choice(recipe)
     if quantizer == "gptq" and recipe.weights.type != "int":
         raise RecipeError(f"recipe {recipe.name}: smoothquant quantizer gptq needs integer weights (weights: type int)")
     prefix = layout_of(ctx.model).layers
     plan = layer_granularity(recipe, target_linears(ctx.model, recipe))
-    quantize_one = None
-    if quantizer == "gptq":
-        gptq_recipe = recipe.model_copy(update={"options": {k: v for k, v in recipe.options.items() if k in OPTION_KEYS}})
-        quantize_one = gptq_quantizer(gptq_options(gptq_recipe, plan))
+    quantize_one = _gptq_quantizer(recipe, plan) if quantizer == "gptq" else None
     true_sequential = bool(recipe.options.get("true_sequential", False))
     quantize_fn = _fake_w8a8(recipe)
     stats_visit = _block_visitor(DEFAULT_NBINS)
