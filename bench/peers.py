@@ -127,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=None, help="eval windows (default: the flow's, 32)")
     args = parser.parse_args(argv)
 
-    import torch
-
     from flows.quantize import quantize_flow
     from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
     from quant.evaluate import evaluate_windows
@@ -151,7 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     reference = load_model(model_dir).eval()
     fp_ppl = summary["reference"]["ppl"]
 
-    torch.manual_seed(0)
     header = ["recipe", "tool", "ppl", "ppl ratio", "KL", "top-1 agree", "quant s", "eval s"]
     rows = [["float (reference)", "-", fmt(fp_ppl, ".3f"), "1.0000", "-", "-", "-", "-"]]
     for recipe in chosen:

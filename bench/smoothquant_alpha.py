@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from quant.arch import decoder_layers, layout_of
     from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
     from quant.evaluate import evaluate_windows
-    from quant.outlier_methods import smooth_layer
+    from quant.outlier_methods import block_act_absmax, smooth_layer
     from quant.recipe import load_recipe
     from quant.smoothquant import apply_fake_w8a8
     from quant.sources import load_model, load_tokenizer
@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             model = load_model(model_dir).eval()
             for i, layer in enumerate(decoder_layers(model)):
                 p = f"{prefix}.{i}"
-                absmax = {n[len(p) + 1 :]: s.absmax for n, s in stats.items() if n.startswith(p + ".")}
-                smooth_layer(layer, absmax, fixed[label] if alphas is None else alphas[i], p)
+                smooth_layer(layer, block_act_absmax(stats, p), fixed[label] if alphas is None else alphas[i], p)
                 floats = {n: m.weight.detach().clone() for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
                 apply_fake_w8a8(layer, "token")
                 if a8_only:

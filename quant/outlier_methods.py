@@ -269,15 +269,18 @@ def smooth_layer(
 
 
 def fold_of(module: str, block: nn.Module) -> str:
-    """The fold that smooths a decoder-layer Linear's input ("self_attn.q_proj" -> "input_layernorm")."""
-    from quant.smoothquant import mlp_norm_name
+    """The fold that smooths a decoder-layer Linear's input ("model.layers.3.self_attn.q_proj" ->
+    "input_layernorm"), read off the fold tables of quant.smoothquant and UP_DOWN."""
+    from quant.smoothquant import V_O, norm_groups
 
-    leaf = module.rsplit(".", 1)[-1]
-    if leaf in ("q_proj", "k_proj", "v_proj"):
-        return "input_layernorm"
-    if leaf in ("gate_proj", "up_proj"):
-        return mlp_norm_name(block)
-    return {"o_proj": "self_attn.v_proj", "down_proj": UP_DOWN[0]}.get(leaf, leaf)
+    consumer_of = {c: norm for norm, consumers in norm_groups(block) for c in consumers}
+    consumer_of.update({V_O[1]: V_O[0], UP_DOWN[1]: UP_DOWN[0]})
+    return next(fold for c, fold in consumer_of.items() if module == c or module.endswith("." + c))
+
+
+def block_act_absmax(stats: Mapping[str, Any], block_prefix: str) -> dict[str, torch.Tensor]:
+    """max|X_j| of the Linear inputs of one block ("model.layers.3"), keyed relative to the block."""
+    return {name[len(block_prefix) + 1 :]: s.absmax for name, s in stats.items() if name.startswith(block_prefix + ".")}
 
 
 GPTQ_KEY = "gptq."  # prefix of the integer weights in a block's partial result (beside the stats)
@@ -302,10 +305,10 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
 
     Options: alpha (in [0, 1], or "auto"), grid (the alphas tried by "auto", 0.0 to 1.0 by 0.05),
     search ("shared": one alpha per block, the default; "per_fold": one per fold, by coordinate
-    descent from the best shared one, `quant.smoothquant.search_fold_alphas`), search_samples (calibration samples of the search, 8; whole batches of 8), search_error
-    (what the search minimises: mse, the default, or token_relative; see
-    quant.smoothquant.output_error), v_o (smooth
-    o_proj's input through v_proj, true), up_down (smooth down_proj's input through up_proj,
+    descent from the best shared one, `quant.smoothquant.search_fold_alphas`), search_samples
+    (calibration samples of the search, 8; whole batches of 8), search_error (what the search
+    minimises: mse, the default, or token_relative; see quant.smoothquant.output_error), v_o
+    (smooth o_proj's input through v_proj, true), up_down (smooth down_proj's input through up_proj,
     true), quantizer (how the smoothed weights are quantized: rtn, the default, or gptq, which
     also takes GPTQ's options: SmoothQuant moves activation range into the weights, and GPTQ
     takes back much of the weight error that adds). The static input ranges come from the
@@ -313,8 +316,8 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
     activations it will quantize.
     """
     from quant.gptq_walk import OPTION_KEYS, block_linear_names, collect_weights, quantize_block, restore_block_weights
-    from quant.schemes import static_input_qparams
     from quant.observers import DEFAULT_NBINS
+    from quant.schemes import static_input_qparams
     from quant.smoothquant import ALPHA_GRID, SEARCH_ERRORS, alpha_errors, best_alpha, fold_names, search_fold_alphas, validate_alpha
     from quant.stats import _block_visitor, stats_from_tensors
 
@@ -347,7 +350,7 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
 
     def visit(index: int, block: nn.Module, inputs: BlockInputs, forward):
         p = f"{prefix}.{index}"
-        absmax = {name[len(p) + 1 :]: s.absmax for name, s in ctx.stats.items() if name.startswith(p + ".")}
+        absmax = block_act_absmax(ctx.stats, p)
         if not absmax:
             raise StatsError(f"recipe {recipe.name}: smoothquant needs the input absmax of {p}'s Linears; the stats stage has none")
         meta: dict[str, Any] = {}
