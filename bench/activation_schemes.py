@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 RECIPES = [
     "w8a8-dynamic",
+    "w8a8-dynamic-sym",
     "w8a8-static-minmax",
     "w8a8-static-pct9999",
     "w8a8-static-mse",

@@ -7,7 +7,11 @@ Pure functions of a weight W [out, in] and a Hessian H [in, in] of the layer-wis
 
 The integer grid is the one in `quant.qparams` (signed ints, x ~ (q - zero_point) * scale), so
 the result saves into compressed-tensors exactly like an RTN weight; with act-order and dynamic
-groups it adds `g_idx` (compressed-tensors' `weight_g_idx`).
+groups it adds `g_idx` (compressed-tensors' `weight_g_idx`). The solver never looks inside the
+rounding, so `weight_type="fp8"` runs the same algorithm on the e4m3 grid (per-channel scale
+absmax / 448, as RTN's fp8): e4m3's 3 mantissa bits make its rounding error proportional to the
+weight, which for Gaussian-like rows is larger than int8's, and the error feedback takes much of
+it back.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quant.modules import FP8_MAX, quantize_fp8
 from quant.qparams import (
     QuantizedWeight,
     compute_qparams,
@@ -79,7 +84,7 @@ class GPTQOptions:
     scale once from the original weight (so act-order keeps the plain contiguous layout and
     needs no g_idx); otherwise each group's scale comes from the error-updated weights when
     the solver reaches it. max_damp_tries: how many dampenings to try (each 10x the last)
-    before falling back to RTN.
+    before falling back to RTN. weight_type "fp8": the e4m3 grid, symmetric, per channel.
     """
 
     bits: int = 4
@@ -90,8 +95,13 @@ class GPTQOptions:
     blocksize: int = 128
     percdamp: float = 0.01
     max_damp_tries: int = 5
+    weight_type: str = "int"  # "int" | "fp8" (e4m3)
 
     def __post_init__(self) -> None:
+        if self.weight_type not in ("int", "fp8"):
+            raise ValueError(f"GPTQ weight_type must be 'int' or 'fp8', got {self.weight_type!r}")
+        if self.weight_type == "fp8" and (self.bits != 8 or not self.symmetric or self.group_size is not None):
+            raise ValueError("GPTQ fp8 weights are 8-bit e4m3, symmetric, one scale per output channel")
         if not (isinstance(self.bits, int) and 2 <= self.bits <= 8):
             raise ValueError(f"GPTQ bits must be an integer in 2..8, got {self.bits!r}")
         if self.group_size is not None and self.group_size < 1:
@@ -178,7 +188,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
     # Scales known before the solve: per channel, or static groups (from the original weights,
     # in the original column order, so the saved layout stays plain).
     dynamic_groups = gs is not None and not options.static_groups
-    if gs is None:
+    fp8 = options.weight_type == "fp8"
+    if fp8:
+        scale = W.abs().amax(dim=1, keepdim=True) / FP8_MAX
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+    elif gs is None:
         scale, zero = weight_qparams(W, bits, symmetric, "channel")
     elif options.static_groups:
         scale, zero = weight_qparams(W, bits, symmetric, "group", gs)
@@ -200,7 +215,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
     Hinv, damp = _cholesky_inverse_upper(H, options.percdamp, options.max_damp_tries)
     if Hinv is None:
         granularity = "channel" if gs is None else "group"
-        weight = quantize_weight_rtn(W_orig, bits, symmetric, granularity, gs)
+        if fp8:
+            weight = QuantizedWeight(quantize_fp8(W_orig, scale), scale, zero, bits)
+        else:
+            weight = quantize_weight_rtn(W_orig, bits, symmetric, granularity, gs)
         return GPTQResult(weight, loss=math.nan, damp=math.nan, fallback_rtn=True, dead_columns=dead_columns)
 
     # With dynamic groups a group's scale is computed from its columns' current values; making
@@ -215,7 +233,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
         order = perm.cpu() if perm is not None else torch.arange(columns)
         static_group_of = (order // gs).tolist()
 
-    Qint = torch.zeros(rows, columns, dtype=torch.int32, device=W.device)
+    # The grid values: integers (int32) or, for fp8, the e4m3 values held exactly in float32.
+    qdtype = torch.float32 if fp8 else torch.int32
+    Qint = torch.zeros(rows, columns, dtype=qdtype, device=W.device)
     Losses = torch.zeros_like(W)
 
     for i1 in range(0, columns, blocksize):
@@ -223,7 +243,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
         count = i2 - i1
 
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros(rows, count, dtype=torch.int32, device=W.device)
+        Q1 = torch.zeros(rows, count, dtype=qdtype, device=W.device)
         Err1 = torch.zeros_like(W1)
         Losses1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
@@ -245,8 +265,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
                 g = static_group_of[col]
                 s, z = scale[:, g], zero[:, g]
 
-            Q1[:, i] = quantize(w, s, z, bits)
-            q = dequantize(Q1[:, i], s, z)
+            if fp8:
+                Q1[:, i] = quantize_fp8(w, s).float()
+                q = Q1[:, i] * s
+            else:
+                Q1[:, i] = quantize(w, s, z, bits)
+                q = dequantize(Q1[:, i], s, z)
             Losses1[:, i] = (w - q) ** 2 / d**2
 
             err1 = (w - q) / d
@@ -265,6 +289,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
             # Column j was solved at position invperm[j]; groups are runs of gs positions.
             g_idx = (invperm // gs).to(torch.int32)
 
+    if fp8:
+        Qint = Qint.to(torch.float8_e4m3fn)
     weight = QuantizedWeight(Qint, scale, zero, bits, gs, g_idx)
     return GPTQResult(
         weight, loss=float(Losses.sum().item()), damp=float(damp), fallback_rtn=False, dead_columns=dead_columns

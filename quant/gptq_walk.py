@@ -23,6 +23,7 @@ from quant.arch import layout_of
 from quant.gptq import GPTQOptions, HessianAccumulator, gptq_quantize
 from quant.methods import MethodContext, MethodResult, layer_granularity, target_linears
 from quant.qparams import QuantizedWeight
+from quant.schemes import static_input_qparams
 from quant.sequential import BlockInputs, run_sequential
 
 OPTION_KEYS = {"blocksize", "percdamp", "actorder", "static_groups", "true_sequential", "max_damp_tries"}
@@ -74,7 +75,8 @@ def _hessians(block: nn.Module, groups: list[list[str]], forward) -> dict[str, H
 
 
 def _weight_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    out = {f"{name}.q": qw.q.to(torch.int8), f"{name}.scale": qw.scale, f"{name}.zero_point": qw.zero_point}
+    q = qw.q if qw.q.dtype.is_floating_point else qw.q.to(torch.int8)  # fp8 stays e4m3
+    out = {f"{name}.q": q, f"{name}.scale": qw.scale, f"{name}.zero_point": qw.zero_point}
     if qw.g_idx is not None:
         out[f"{name}.g_idx"] = qw.g_idx
     return out
@@ -190,6 +192,7 @@ def gptq_options(recipe, plan: dict[str, Any]) -> Callable[[str], GPTQOptions]:
             blocksize=int(recipe.options.get("blocksize", 128)),
             percdamp=float(recipe.options.get("percdamp", 0.01)),
             max_damp_tries=int(recipe.options.get("max_damp_tries", 5)),
+            weight_type="fp8" if recipe.weights.type == "float" else "int",
         )
 
     return options_for
@@ -209,7 +212,8 @@ def gptq_quantizer(options_for: Callable[[str], GPTQOptions]) -> WeightQuantizer
 
 
 def gptq(ctx: MethodContext) -> MethodResult:
-    """GPTQ weight-only quantization (Frantar et al. 2022) of every targeted decoder Linear."""
+    """GPTQ (Frantar et al. 2022) on every targeted decoder Linear: int or fp8 weights; the
+    recipe's activation scheme, if any, is applied at run time as for the rtn method."""
     recipe = ctx.recipe
     plan = layer_granularity(recipe, target_linears(ctx.model, recipe))
     quantize_one = gptq_quantizer(gptq_options(recipe, plan))
@@ -231,4 +235,9 @@ def gptq(ctx: MethodContext) -> MethodResult:
     )
     weights, report = collect_weights(results, prefix, bits, plan)
     fallbacks = [r["module"] for r in report if r.get("fallback_rtn")]
-    return MethodResult(weights, report, {"gptq_rtn_fallbacks": fallbacks} if fallbacks else {})
+    # Static inputs (W8A8 / fp8 with calibrated ranges): the observer on the float model's stats,
+    # as the rtn method does.
+    input_qparams, act_rows = static_input_qparams(recipe, ctx.stats, list(weights))
+    for row in report:
+        row.update(act_rows.get(row["module"], {}))
+    return MethodResult(weights, report, {"gptq_rtn_fallbacks": fallbacks} if fallbacks else {}, input_qparams=input_qparams)

@@ -292,12 +292,14 @@ def _gptq_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def _fake_w8a8(recipe: Recipe):
     """The recipe's W8A8 in float, for the alpha search: per-channel int8 weights; inputs per token
-    (dynamic recipes) or per tensor at the batch's own max|x| (static: a min-max calibration on the
-    search batch; the recipe's observer is applied to the final statistics only)."""
+    (dynamic recipes) or per tensor at the batch's own range (static: a min-max calibration on the
+    search batch; the recipe's observer is applied to the final statistics only), symmetric or
+    with a zero point as the recipe's inputs."""
     from quant.smoothquant import apply_fake_w8a8
 
     granularity = "token" if recipe.activations.dynamic else "tensor"
-    return lambda module: apply_fake_w8a8(module, granularity)
+    symmetric = recipe.activations.symmetric
+    return lambda module: apply_fake_w8a8(module, granularity, symmetric=symmetric)
 
 
 def smoothquant(ctx: MethodContext) -> MethodResult:

@@ -314,12 +314,16 @@ def smooth_decoder_layer(
 class FakeW8A8Linear(nn.Module):
     """A Linear computing in float what int8 W8A8 computes: per-channel int8 W, int8 X.
 
-    act_scale, if given, is a static (calibrated) scale for X and wins. Otherwise act_granularity
-    "tensor": absmax of the current input / 127 (= static calibration on this very batch);
-    "token": dynamic per-token absmax / 127.
+    act_scale, if given, is a static (calibrated) symmetric scale for X and wins. Otherwise
+    act_granularity "tensor": the current input's range (= static calibration on this very
+    batch); "token": each token's range, at run time. symmetric: absmax / 127; otherwise
+    [min, max] onto the 256 levels with a zero point.
     """
 
-    def __init__(self, linear: nn.Linear, act_granularity: str = "tensor", act_scale: torch.Tensor | float | None = None):
+    def __init__(
+        self, linear: nn.Linear, act_granularity: str = "tensor", act_scale: torch.Tensor | float | None = None,
+        symmetric: bool = True,
+    ):
         super().__init__()
         if act_granularity not in ("tensor", "token"):
             raise RecipeError(f"activation granularity must be 'tensor' or 'token', got {act_granularity!r}")
@@ -328,27 +332,34 @@ class FakeW8A8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.act_granularity = act_granularity
         self.act_scale = None if act_scale is None else torch.as_tensor(act_scale, dtype=torch.float32)
+        self.symmetric = symmetric
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         X = x.float()
+        zero_point = None
         if self.act_scale is not None:
             scale = self.act_scale.to(X.device)
-        elif self.act_granularity == "tensor":
-            scale, _ = compute_qparams(-X.abs().amax(), X.abs().amax(), 8, True)
         else:
-            absmax = X.abs().amax(dim=-1, keepdim=True)
-            scale, _ = compute_qparams(-absmax, absmax, 8, True)
-        Xq = fake_quantize(X, scale, torch.zeros_like(scale, dtype=torch.int32), 8)
+            dims = dict(dim=-1, keepdim=True) if self.act_granularity == "token" else {}
+            if self.symmetric:
+                absmax = X.abs().amax(**dims)
+                scale, zero_point = compute_qparams(-absmax, absmax, 8, True)
+            else:  # the range [min, max] (with 0) onto the 256 levels, as QuantLinear's asymmetric inputs
+                scale, zero_point = compute_qparams(X.amin(**dims), X.amax(**dims), 8, False)
+        if zero_point is None:
+            zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        Xq = fake_quantize(X, scale, zero_point, 8)
         return F.linear(Xq.to(x.dtype), self.weight, self.bias)
 
 
 def apply_fake_w8a8(
-    module: nn.Module, act_granularity: str = "tensor", act_scales: Mapping[str, torch.Tensor] | None = None
+    module: nn.Module, act_granularity: str = "tensor", act_scales: Mapping[str, torch.Tensor] | None = None,
+    symmetric: bool = True,
 ) -> nn.Module:
     """Replace every nn.Linear under `module` by a FakeW8A8Linear, in place; returns `module`."""
     targets = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
     for name, lin in targets:
-        fq = FakeW8A8Linear(lin, act_granularity, None if act_scales is None else act_scales.get(name))
+        fq = FakeW8A8Linear(lin, act_granularity, None if act_scales is None else act_scales.get(name), symmetric)
         if name == "":
             return fq
         parent, _, child = name.rpartition(".")

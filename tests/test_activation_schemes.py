@@ -71,7 +71,8 @@ def _weight_only(tiny_model: Path, result) -> torch.nn.Module:
 
 def test_the_seven_activation_recipes_are_built_in() -> None:
     assert set(ACTIVATION_RECIPES) == {
-        "w8a8-dynamic", "w8a8-static-minmax", "w8a8-static-pct9999", "w8a8-static-mse", "w8a8-static-kl", "fp8-dynamic", "fp8-static",
+        "w8a8-dynamic", "w8a8-dynamic-sym", "w8a8-static-minmax", "w8a8-static-pct9999", "w8a8-static-mse", "w8a8-static-kl",
+        "fp8-dynamic", "fp8-static",
     }
 
 
@@ -129,8 +130,9 @@ def test_checkpoint_round_trip(tiny_model, tiny_stats, tmp_path, name, monkeypat
     act_effect = (ours_logits - float_inputs).abs().max().item()
     assert act_effect > 1e-4  # inputs really are quantized in quantmill's model
     gap = (served_logits - ours_logits).abs().max().item()
-    if a.type == "int" and a.dynamic:
-        # compressed-tensors' dynamic int8 grid is absmax / 127.5; with that divisor we agree exactly.
+    if a.type == "int" and a.dynamic and a.symmetric:
+        # compressed-tensors' symmetric dynamic int8 grid is absmax / 127.5 (its asymmetric one,
+        # (max - min) / 255 with a rounded zero point, is ours); with that divisor we agree exactly.
         assert gap < 0.05 * ours_logits.abs().max().item()
         original = QuantLinear.input_qparams
 
@@ -146,7 +148,7 @@ def test_checkpoint_round_trip(tiny_model, tiny_stats, tmp_path, name, monkeypat
     assert gap < 1e-5, f"{name}: transformers vs quantmill max |logit diff| {gap:.3g}"
 
 
-@pytest.mark.parametrize("name", ["w8a8-dynamic", "w8a8-static-mse", ASYM, "fp8-dynamic", "fp8-static"])
+@pytest.mark.parametrize("name", ["w8a8-dynamic", "w8a8-dynamic-sym", "w8a8-static-mse", ASYM, "fp8-dynamic", "fp8-static"])
 def test_int_path_equals_fake_path_on_a_loaded_model(tiny_model, tiny_stats, tmp_path, name):
     recipe = _recipe(name)
     if recipe.weights.type == "float" and not fp8_matmul_available("cpu"):

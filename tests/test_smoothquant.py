@@ -260,3 +260,24 @@ def test_per_fold_search_is_never_worse_than_the_best_shared_alpha() -> None:
 
     err = output_error(block_output(layer, x, kw), block_output(apply_fake_w8a8(trial), x, kw))
     assert err == pytest.approx(info["error"], rel=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_search_models_the_quantized_module_it_searches_for(symmetric: bool) -> None:
+    # The alpha search scores FakeW8A8Linear; what runs is QuantLinear (per-channel int8 weights,
+    # int8 inputs per token, symmetric or with a zero point). Same numbers, or the search would
+    # optimise for a different model.
+    from quant.modules import QuantLinear, QuantScheme
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    x = torch.randn(3, 10, 64)
+    x[..., 5] -= 20.0  # a one-sided outlier channel: where a zero point pays
+    scheme = QuantScheme(act="dynamic", act_symmetric=symmetric)
+    expected = QuantLinear.from_linear(linear, scheme, path="fake")(x)
+    got = FakeW8A8Linear(linear, "token", symmetric=symmetric)(x)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    if not symmetric:
+        sym = FakeW8A8Linear(linear, "token")(x)
+        exact = linear(x)
+        assert (got - exact).pow(2).mean() < 0.5 * (sym - exact).pow(2).mean()
