@@ -4,7 +4,9 @@ Each row pairs a quantmill recipe with the peer configuration that computes the 
 
   w8a16-rtn      torchao Int8WeightOnlyConfig()                       int8 per-channel weights
   w4a16-rtn-g64  torchao IntxWeightOnlyConfig(int4, PerGroup(64))     int4 symmetric groups of 64
-  w8a8-dynamic   torchao Int8DynamicActivationInt8WeightConfig()      int8 per-channel W, per-token X
+  w8a8-dynamic   torchao Int8DynamicActivationInt8WeightConfig(act_mapping_type=ASYMMETRIC)
+                                                                      int8 per-channel W, per-token X with a zero point
+  w8a8-dynamic-sym  torchao Int8DynamicActivationInt8WeightConfig()   int8 per-channel W, per-token X (absmax)
   fp8-dynamic    torchao Float8DynamicActivationFloat8WeightConfig(PerRow())
   w8-llmint8-t6  bitsandbytes Linear8bitLt(threshold=6.0)             LLM.int8() decomposition
 
@@ -94,6 +96,11 @@ def peers() -> dict[str, tuple[str, Callable]]:
 
         return Int8DynamicActivationInt8WeightConfig()
 
+    def w8a8_asym():
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, MappingType
+
+        return Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC)
+
     def fp8():
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
@@ -102,7 +109,8 @@ def peers() -> dict[str, tuple[str, Callable]]:
     return {
         "w8a16-rtn": ("torchao Int8WeightOnlyConfig()", torchao_peer(int8_wo)),
         "w4a16-rtn-g64": ("torchao IntxWeightOnlyConfig(int4, PerGroup(64))", torchao_peer(int4_g64)),
-        "w8a8-dynamic": ("torchao Int8DynamicActivationInt8WeightConfig()", torchao_peer(w8a8)),
+        "w8a8-dynamic": ("torchao Int8DynamicActivationInt8WeightConfig(act_mapping_type=ASYMMETRIC)", torchao_peer(w8a8_asym)),
+        "w8a8-dynamic-sym": ("torchao Int8DynamicActivationInt8WeightConfig()", torchao_peer(w8a8)),
         "fp8-dynamic": ("torchao Float8DynamicActivationFloat8WeightConfig(PerRow())", torchao_peer(fp8)),
         "w8-llmint8-t6": ("bitsandbytes Linear8bitLt(threshold=6.0)", bnb_llm_int8(6.0)),
     }

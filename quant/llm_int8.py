@@ -5,6 +5,11 @@ the paper) are "outlier features": they go through a float matmul. The rest go t
 int8 x int8 -> int32 matmul with vector-wise scales: per-token absmax / 127 for X, per-output-row
 absmax / 127 for W. The two partial outputs add up.
 
+zero_point=True quantizes the int8 part's inputs per token with a zero point instead ([min, max]
+of the token's remaining columns onto the 256 levels): the paper's "zeropoint vector-wise +
+decomposition" (Table 1), its most accurate variant; absmax is what bitsandbytes ships. The
+product stays integer: s_x s_w (X_q W_q^T - z_x rowsum(W_q)), exact in int32.
+
 Only the int8 weight is stored (that is the memory saving). Like bitsandbytes, the outlier
 columns use the de-quantized int8 weight columns W_deq[:, j] = q[:, j] * scale, not the original
 float weight. Consequences, both tested:
@@ -45,7 +50,7 @@ class LLMInt8Linear(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, threshold: float = DEFAULT_THRESHOLD,
-        backend: str = "auto",
+        backend: str = "auto", zero_point: bool = False,
     ):
         super().__init__()
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold < 0:
@@ -56,12 +61,15 @@ class LLMInt8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.register_buffer("input_zero_point", torch.tensor(bool(zero_point)))  # saved with the checkpoint
         self.reset_stats()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float = DEFAULT_THRESHOLD, backend: str = "auto") -> LLMInt8Linear:
+    def from_linear(
+        cls, linear: nn.Linear, threshold: float = DEFAULT_THRESHOLD, backend: str = "auto", zero_point: bool = False
+    ) -> LLMInt8Linear:
         """Quantize a float Linear: W -> int8 per output row with scale absmax / 127."""
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, threshold, backend)
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, threshold, backend, zero_point)
         qw = quantize_weight_rtn(linear.weight.detach(), 8, True, "channel")
         m.weight.copy_(qw.q.to(torch.int8))
         m.weight_scale.copy_(qw.scale.float())
@@ -93,12 +101,18 @@ class LLMInt8Linear(nn.Module):
         self._outlier_cols_seen += n_out
         self._cols_seen += self.in_features
 
-        # int8 part: outlier columns zeroed, per-token absmax scales over the remaining columns.
+        # int8 part: outlier columns zeroed, per-token scales over the remaining columns (a zeroed
+        # column quantizes to exactly the zero point, so it adds nothing either way).
         X_r = X.masked_fill(outliers[None, :], 0.0)
-        absmax = X_r.abs().amax(dim=1, keepdim=True)
-        s_x, zp = compute_qparams(-absmax, absmax, 8, True)
+        if bool(self.input_zero_point):
+            s_x, zp = compute_qparams(X_r.amin(dim=1, keepdim=True), X_r.amax(dim=1, keepdim=True), 8, False)
+        else:
+            absmax = X_r.abs().amax(dim=1, keepdim=True)
+            s_x, zp = compute_qparams(-absmax, absmax, 8, True)
         X_q = quantize(X_r, s_x, zp, 8).to(torch.int8)
         acc = int8_matmul(X_q, self.weight, self.backend)  # [T, out] int32
+        if bool(self.input_zero_point):
+            acc = acc - zp * self.weight.sum(dim=1, dtype=torch.int32)[None, :]
         Y = acc.float() * s_x * self.weight_scale.t()
 
         # float part: outlier columns of X with the de-quantized int8 weight columns.
@@ -112,12 +126,13 @@ class LLMInt8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, threshold={self.threshold.item()}"
+            f"bias={self.bias is not None}, threshold={self.threshold.item()}, "
+            f"inputs={'zeropoint' if bool(self.input_zero_point) else 'absmax'}"
         )
 
 
 def convert_linears(
-    module: nn.Module, threshold: float = DEFAULT_THRESHOLD, skip: tuple[str, ...] = ("lm_head",)
+    module: nn.Module, threshold: float = DEFAULT_THRESHOLD, skip: tuple[str, ...] = ("lm_head",), zero_point: bool = False
 ) -> list[str]:
     """Replace every nn.Linear under `module` (names ending in a `skip` entry excepted) in place.
 
@@ -131,5 +146,5 @@ def convert_linears(
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = module.get_submodule(parent) if parent else module
-        setattr(owner, child, LLMInt8Linear.from_linear(getattr(owner, child), threshold))
+        setattr(owner, child, LLMInt8Linear.from_linear(getattr(owner, child), threshold, zero_point=zero_point))
     return names

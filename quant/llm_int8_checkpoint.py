@@ -5,7 +5,9 @@ outlier decomposition, so quantmill writes one and says so:
 
 - `llm_int8.safetensors`: the model's state dict as `LLMInt8Linear` holds it: for each quantized
   Linear `<name>.weight` (int8 [out, in]), `<name>.weight_scale` (float32 [out, 1], absmax / 127),
-  `<name>.threshold` (float32 scalar) and `<name>.bias` if any; every other tensor as saved by
+  `<name>.threshold` (float32 scalar), `<name>.input_zero_point` (bool scalar: the int8 part's
+  inputs per token with a zero point rather than absmax; absent in older checkpoints, which are
+  absmax) and `<name>.bias` if any; every other tensor as saved by
   the float model (the tied lm_head is left out, as transformers does).
 - `config.json`: the model's config with `quantization_config = {"quant_method":
   "quantmill-llm-int8", "threshold": ..., "modules": [...], ...}`.
@@ -54,9 +56,10 @@ def save_llm_int8(
     """Write `model` with `weights` (module name -> int8 per-row weight) as a quantmill-llm-int8
     checkpoint. The model itself is not modified."""
     from quant.checkpoint import LINEAGE_FILE, RECIPE_FILE, TOKENIZER_FILES
-    from quant.outlier_methods import llm_int8_threshold
+    from quant.outlier_methods import llm_int8_threshold, llm_int8_zero_point
 
     threshold = llm_int8_threshold(recipe)
+    zero_point = llm_int8_zero_point(recipe)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if _tied_lm_head(model):
         state.pop("lm_head.weight", None)
@@ -66,6 +69,7 @@ def save_llm_int8(
         state[f"{name}.weight"] = qw.q.to(torch.int8).cpu()
         state[f"{name}.weight_scale"] = qw.scale.float().reshape(-1, 1).cpu()
         state[f"{name}.threshold"] = torch.tensor(threshold, dtype=torch.float32)
+        state[f"{name}.input_zero_point"] = torch.tensor(zero_point)
     dst.mkdir(parents=True, exist_ok=True)
     # Shared storage (tied or aliased tensors) is refused by safetensors: every tensor its own copy.
     save_file({k: v.clone().contiguous() for k, v in state.items()}, dst / WEIGHTS_FILE, metadata={"format": "pt", "quantmill_format": FORMAT})
@@ -74,7 +78,7 @@ def save_llm_int8(
         "quant_method": FORMAT,
         "threshold": threshold,
         "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
-        "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True, "outliers": f"columns with any |x| >= {threshold:g} in float"},
+        "input_activations": {"num_bits": 8, "type": "int", "symmetric": not zero_point, "strategy": "token", "dynamic": True, "outliers": f"columns with any |x| >= {threshold:g} in float"},
         "modules": sorted(weights),
         "ignore": list(recipe.ignore),
     }
@@ -84,7 +88,7 @@ def save_llm_int8(
             if (tokenizer_dir / fname).is_file():
                 shutil.copy2(tokenizer_dir / fname, dst / fname)
     (dst / RECIPE_FILE).write_text(recipe.to_yaml())
-    (dst / LINEAGE_FILE).write_text(json.dumps({**lineage, "format": FORMAT, "llm_int8_threshold": threshold}, indent=2, sort_keys=True, default=str))
+    (dst / LINEAGE_FILE).write_text(json.dumps({**lineage, "format": FORMAT, "llm_int8_threshold": threshold, "llm_int8_inputs": "zeropoint" if zero_point else "absmax"}, indent=2, sort_keys=True, default=str))
 
 
 def is_llm_int8(folder: str | Path) -> bool:
@@ -113,7 +117,8 @@ def load_llm_int8(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.
         if not isinstance(linear, nn.Linear) or f"{name}.weight_scale" not in tensors:
             raise ValueError(f"{folder}: {name} is not a quantized Linear of this checkpoint")
         threshold = validate_threshold(float(tensors[f"{name}.threshold"]))
-        module = LLMInt8Linear(linear.in_features, linear.out_features, linear.bias is not None, threshold)
+        zero_point = tensors.setdefault(f"{name}.input_zero_point", torch.tensor(False))  # older: absmax
+        module = LLMInt8Linear(linear.in_features, linear.out_features, linear.bias is not None, threshold, zero_point=bool(zero_point))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
     missing, unexpected = model.load_state_dict(tensors, strict=False)

@@ -68,7 +68,7 @@ def _restore_params(block: nn.Module, tensors: Mapping[str, torch.Tensor]) -> No
 
 # ----------------------------------------------------------------------------- LLM.int8()
 
-LLM_INT8_OPTIONS = {"threshold"}
+LLM_INT8_OPTIONS = {"threshold", "zero_point"}
 
 
 def llm_int8_threshold(recipe: Recipe) -> float:
@@ -80,6 +80,15 @@ def llm_int8_threshold(recipe: Recipe) -> float:
         raise RecipeError(f"recipe {recipe.name}: {err}") from None
 
 
+def llm_int8_zero_point(recipe: Recipe) -> bool:
+    """options.zero_point: quantize the int8 part's inputs per token with a zero point (the paper's
+    zeropoint vector-wise quantization) instead of absmax (bitsandbytes'). false unless set."""
+    value = recipe.options.get("zero_point", False)
+    if not isinstance(value, bool):
+        raise RecipeError(f"recipe {recipe.name}: llm_int8 zero_point must be true or false, got {value!r}")
+    return value
+
+
 def llm_int8(ctx: MethodContext) -> MethodResult:
     """LLM.int8() (Dettmers et al. 2022): int8 weights per output row; the outlier decomposition
     runs at inference. The report adds, per module, the input channels whose calibration max|x|
@@ -88,6 +97,7 @@ def llm_int8(ctx: MethodContext) -> MethodResult:
     recipe = ctx.recipe
     _check_options(recipe, LLM_INT8_OPTIONS)
     threshold = llm_int8_threshold(recipe)
+    zero_point = llm_int8_zero_point(recipe)
     w = recipe.weights
     if (w.type, w.bits, w.symmetric, w.granularity) != ("int", 8, True, "channel"):
         raise RecipeError(f"recipe {recipe.name}: llm_int8 stores symmetric int8 weights per output channel (weights: bits 8, symmetric, granularity channel)")
@@ -104,7 +114,7 @@ def llm_int8(ctx: MethodContext) -> MethodResult:
             cols = s.absmax >= threshold
             extra = {"calib_outlier_columns": int(cols.sum()), "calib_outlier_fraction": float(cols.float().mean())}
         report.append(weight_error_report(name, linear.weight.data, qw, s, **extra))
-    return MethodResult(weights, report, {"llm_int8_threshold": threshold})
+    return MethodResult(weights, report, {"llm_int8_threshold": threshold, "llm_int8_inputs": "zeropoint" if zero_point else "absmax"})
 
 
 def llm_int8_outlier_fractions(model: nn.Module) -> dict[str, float]:

@@ -6,10 +6,11 @@ What transformers does with these checkpoints on the CPU (transformers 5.24, com
 each Linear keeps compressed-tensors' wrapped forward, de-compresses its weight once and
 fake-quantizes its *input* on every call (`forward_quantize(module, input, "input", ...)`). So
 activation quantization does happen at run time there, in float. Static scales are read from the
-checkpoint and fp8 dynamic scales are absmax / 448 as in QuantLinear: logits agree exactly. Int8
-dynamic per-token scales differ: compressed-tensors uses absmax / 127.5 (`calculate_qparams`:
-max / (bit_range / 2)), QuantLinear and vLLM's int8 kernels absmax / 127. That grid difference is
-the whole gap (the test swaps the divisor and gets equality).
+checkpoint, fp8 dynamic scales are absmax / 448 as in QuantLinear and asymmetric int8 dynamic
+ones (max - min) / 255 with a rounded zero point, also as in QuantLinear: logits agree exactly.
+Symmetric int8 dynamic per-token scales differ: compressed-tensors uses absmax / 127.5
+(`calculate_qparams`: max / (bit_range / 2)), QuantLinear and vLLM's int8 kernels absmax / 127.
+That grid difference is the whole gap (the test swaps the divisor and gets equality).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from quant.schemes import static_input_qparams
 from quant.sources import load_model
 from quant.stats import collect_stats
 
-# The rtn W8A8 / FP8 recipes (SmoothQuant's own W8A8 recipes are tested in its own files).
-ACTIVATION_RECIPES = [n for n in builtin_recipes() if load_recipe(n).method == "rtn" and load_recipe(n).activations is not None]
+# The rtn and gptq W8A8 / FP8 recipes (SmoothQuant's own W8A8 recipes are tested in its own files).
+ACTIVATION_RECIPES = [n for n in builtin_recipes() if load_recipe(n).method in ("rtn", "gptq") and load_recipe(n).activations is not None]
 ASYM = "w8a8-static-minmax-asym"
 
 
@@ -69,10 +70,10 @@ def _weight_only(tiny_model: Path, result) -> torch.nn.Module:
     return model
 
 
-def test_the_seven_activation_recipes_are_built_in() -> None:
+def test_the_activation_recipes_are_built_in() -> None:
     assert set(ACTIVATION_RECIPES) == {
         "w8a8-dynamic", "w8a8-dynamic-sym", "w8a8-static-minmax", "w8a8-static-pct9999", "w8a8-static-mse", "w8a8-static-kl",
-        "fp8-dynamic", "fp8-static",
+        "fp8-dynamic", "fp8-dynamic-rtn", "fp8-static",
     }
 
 

@@ -53,8 +53,19 @@ def test_gptq_beats_rtn_on_the_model_output(tiny):
     assert all(r["rel_output_error"] >= 0 for r in gptq.report)
 
 
-def test_killed_after_block_k_resumes_bit_identically(tiny, tmp_path):
-    _, whole = _run(tiny, "w4a16-gptq-g64-actorder")  # uninterrupted reference
+def test_fp8_gptq_beats_fp8_rtn_on_the_model_output(tiny):
+    _, rtn = _run(tiny, "fp8-dynamic-rtn")
+    _, gptq = _run(tiny, "fp8-dynamic")
+    err_rtn, err_gptq = _output_error(tiny, rtn.weights), _output_error(tiny, gptq.weights)
+    print(f"fp8 weights, logit MSE: RTN {err_rtn:.3e}, GPTQ {err_gptq:.3e}")
+    assert err_gptq < err_rtn
+    for name, qw in gptq.weights.items():
+        assert qw.q.dtype == torch.float8_e4m3fn and torch.equal(qw.scale, rtn.weights[name].scale), name
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-gptq-g64-actorder", "fp8-dynamic"])
+def test_killed_after_block_k_resumes_bit_identically(tiny, tmp_path, recipe):
+    _, whole = _run(tiny, recipe)  # uninterrupted reference
 
     class Killed(Exception):
         pass
@@ -65,13 +76,14 @@ def test_killed_after_block_k_resumes_bit_identically(tiny, tmp_path):
 
     partial = tmp_path / "partial"
     with pytest.raises(Killed):
-        _run(tiny, "w4a16-gptq-g64-actorder", partial, die_after_block_0)
+        _run(tiny, recipe, partial, die_after_block_0)
     visited = []
-    _, resumed = _run(tiny, "w4a16-gptq-g64-actorder", partial, lambda i, n, meta: visited.append(i))
+    _, resumed = _run(tiny, recipe, partial, lambda i, n, meta: visited.append(i))
     assert visited == [1, 2]  # block 0 came from the partial folder
     assert resumed.weights.keys() == whole.weights.keys()
     for name in whole.weights:
-        assert torch.equal(resumed.weights[name].q, whole.weights[name].q), name
+        assert resumed.weights[name].q.dtype == whole.weights[name].q.dtype, name
+        assert torch.equal(resumed.weights[name].q.float(), whole.weights[name].q.float()), name
         assert torch.equal(resumed.weights[name].scale, whole.weights[name].scale), name
 
 

@@ -30,12 +30,16 @@ def inputs_with_outliers(seed: int = 1, C: int = 64) -> torch.Tensor:
     return X
 
 
-def plain_w8a8_per_token(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Reference int8 W8A8: per-output-row int8 W, per-token int8 X, written with quant.qparams only."""
+def plain_w8a8_per_token(linear: nn.Linear, x: torch.Tensor, zero_point: bool = False) -> torch.Tensor:
+    """Reference int8 W8A8: per-output-row int8 W, per-token int8 X (absmax, or [min, max] with a
+    zero point), written with quant.qparams only."""
     W = quantize_weight_rtn(linear.weight.detach(), 8, True, "channel").dequantize().double()
     X = x.reshape(-1, x.shape[-1]).double()
-    absmax = X.abs().amax(dim=1, keepdim=True)
-    scale, zp = compute_qparams(-absmax, absmax, 8, True)
+    if zero_point:
+        scale, zp = compute_qparams(X.amin(dim=1, keepdim=True), X.amax(dim=1, keepdim=True), 8, False)
+    else:
+        absmax = X.abs().amax(dim=1, keepdim=True)
+        scale, zp = compute_qparams(-absmax, absmax, 8, True)
     Xd = dequantize(quantize(X.float(), scale, zp, 8), scale, zp).double()
     return (Xd @ W.t() + linear.bias.double()).float().reshape(*x.shape[:-1], -1)
 
@@ -138,7 +142,7 @@ def test_state_dict_holds_int8_weight_scales_bias_threshold_and_round_trips() ->
     x = inputs_with_outliers()
     m = LLMInt8Linear.from_linear(linear, threshold=4.0)
     sd = m.state_dict()
-    assert set(sd) == {"weight", "weight_scale", "bias", "threshold"}
+    assert set(sd) == {"weight", "weight_scale", "bias", "threshold", "input_zero_point"}
     assert sd["weight"].dtype == torch.int8 and sd["weight_scale"].shape == (48, 1)
     fresh = LLMInt8Linear(64, 48, bias=True)
     fresh.load_state_dict(sd)
@@ -161,3 +165,49 @@ def test_convert_linears_on_a_tiny_model_skips_lm_head_and_stays_close() -> None
     assert len(names) == 14 and "lm_head" not in names
     assert isinstance(model.lm_head, nn.Linear)
     assert ((out - ref).pow(2).mean() / ref.pow(2).mean()).item() < 1e-3
+
+
+def one_sided_inputs(seed: int = 2, C: int = 64) -> torch.Tensor:
+    """Small N(0, 0.5^2) activations, the three outlier columns at ~50x, and two columns near -5:
+    under the threshold, so they stay in the int8 part and make each token's range one-sided."""
+    g = torch.Generator().manual_seed(seed)
+    X = (0.5 * torch.randn(4, 32, C, generator=g)).clamp(-1.5, 1.5)
+    X[..., OUTLIER_COLUMNS] *= 50.0
+    X[..., [7, 33]] = -5.0 + 0.3 * torch.rand(4, 32, 2, generator=g)
+    return X
+
+
+def test_zeropoint_with_threshold_inf_is_plain_int8_per_token_w8a8_with_a_zero_point() -> None:
+    linear = make_linear()
+    x = one_sided_inputs()
+    m = LLMInt8Linear.from_linear(linear, threshold=math.inf, zero_point=True)
+    assert torch.allclose(m(x), plain_w8a8_per_token(linear, x, zero_point=True), rtol=1e-5, atol=1e-5)
+
+
+def test_zeropoint_decomposition_beats_absmax_on_one_sided_inputs_and_backends_agree() -> None:
+    # The paper's zeropoint vector-wise variant: the remaining columns of a token are mostly
+    # negative here, so [min, max] onto 256 levels is a finer grid than [-absmax, absmax].
+    linear = make_linear()
+    x = one_sided_inputs()
+    absmax = LLMInt8Linear.from_linear(linear, 6.0)
+    # Against the layer on the de-quantized weight: what is left is the input rounding alone.
+    ref = F.linear(x, absmax.dequantized_weight(), linear.bias).detach()
+    zp = LLMInt8Linear.from_linear(linear, 6.0, zero_point=True)
+    err_absmax = (absmax(x) - ref).pow(2).mean().item()
+    err_zp = (zp(x) - ref).pow(2).mean().item()
+    print(f"\nLLM.int8() t=6 MSE: absmax {err_absmax:.3e}, zeropoint {err_zp:.3e} ({err_absmax / err_zp:.2f}x)")
+    assert zp.outlier_fraction == absmax.outlier_fraction == len(OUTLIER_COLUMNS) / 64
+    assert err_zp < 0.5 * err_absmax
+    emulated = LLMInt8Linear.from_linear(linear, 6.0, backend="emulate", zero_point=True)
+    assert torch.equal(emulated(x), zp(x))  # the zero-point correction is integer arithmetic too
+
+
+def test_zeropoint_flag_round_trips_in_the_state_dict() -> None:
+    linear = make_linear()
+    x = one_sided_inputs()
+    m = LLMInt8Linear.from_linear(linear, threshold=6.0, zero_point=True)
+    fresh = LLMInt8Linear(64, 48, bias=True)
+    assert not bool(fresh.input_zero_point)
+    fresh.load_state_dict(m.state_dict())
+    assert bool(fresh.input_zero_point) and torch.equal(fresh(x), m(x))
+    assert "inputs=zeropoint" in repr(fresh)

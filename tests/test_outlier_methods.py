@@ -65,27 +65,30 @@ def _rel_logit_error(model: nn.Module, reference: nn.Module) -> float:
 # ----------------------------------------------------------------------------- LLM.int8()
 
 
-def test_llm_int8_checkpoint_round_trips_into_llm_int8_modules(planted, stats, tmp_path):
-    recipe = load_recipe("w8-llmint8-t6")
+@pytest.mark.parametrize("name, zero_point", [("w8-llmint8-t6", True), ("w8-llmint8-t6-absmax", False)])
+def test_llm_int8_checkpoint_round_trips_into_llm_int8_modules(planted, stats, tmp_path, name, zero_point):
+    recipe = load_recipe(name)
     result = _save(planted, recipe, stats, tmp_path / "q")
     lineage = json.loads((tmp_path / "q" / "quantmill.json").read_text())
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert lineage["format"] == FORMAT and lineage["llm_int8_threshold"] == 6.0
+    assert lineage["llm_int8_inputs"] == ("zeropoint" if zero_point else "absmax")
     assert config["quantization_config"]["quant_method"] == FORMAT and config["quantization_config"]["threshold"] == 6.0
+    assert config["quantization_config"]["input_activations"]["symmetric"] is not zero_point
     assert (tmp_path / "q" / WEIGHTS_FILE).is_file() and not (tmp_path / "q" / "model.safetensors").exists()
 
     loaded = load_quantized(tmp_path / "q")
     modules = {n: m for n, m in loaded.named_modules() if isinstance(m, LLMInt8Linear)}
     assert set(modules) == set(result.weights)  # every decoder Linear, lm_head excluded
     for name, m in modules.items():
-        assert m.weight.dtype == torch.int8 and m.threshold.item() == 6.0
+        assert m.weight.dtype == torch.int8 and m.threshold.item() == 6.0 and bool(m.input_zero_point) is zero_point
         assert torch.equal(m.weight, result.weights[name].q.to(torch.int8))
     # The same numbers as converting the float model in memory.
     reference = load_model(planted)
     in_memory = load_model(planted)
     for name in result.weights:
         parent, _, child = name.rpartition(".")
-        setattr(in_memory.get_submodule(parent), child, LLMInt8Linear.from_linear(in_memory.get_submodule(name), 6.0))
+        setattr(in_memory.get_submodule(parent), child, LLMInt8Linear.from_linear(in_memory.get_submodule(name), 6.0, zero_point=zero_point))
     ids = _ids(seed=5, n=2)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, in_memory(ids).logits)
@@ -107,6 +110,22 @@ def test_llm_int8_beats_naive_static_w8a8_on_outlier_channels(planted, stats, tm
     err_naive = _rel_logit_error(load_quantized(tmp_path / "naive"), reference)
     print(f"relative logit error: naive static W8A8 {err_naive:.4f}, LLM.int8() {err_int8:.4f} ({err_naive / err_int8:.1f}x)")
     assert err_int8 * 3 < err_naive
+
+
+def test_an_llm_int8_checkpoint_without_the_zero_point_flag_loads_as_absmax(planted, stats, tmp_path):
+    # Checkpoints written before the zeropoint variant hold no `<name>.input_zero_point`.
+    from safetensors.torch import load_file, save_file
+
+    _save(planted, load_recipe("w8-llmint8-t6-absmax"), stats, tmp_path / "q")
+    path = tmp_path / "q" / WEIGHTS_FILE
+    tensors = {k: v for k, v in load_file(path).items() if not k.endswith(".input_zero_point")}
+    before = load_quantized(tmp_path / "q")
+    save_file(tensors, path, metadata={"format": "pt"})
+    after = load_quantized(tmp_path / "q")
+    assert not any(bool(m.input_zero_point) for m in after.modules() if isinstance(m, LLMInt8Linear))
+    ids = _ids(seed=6, n=2)
+    with torch.no_grad():
+        assert torch.equal(before(ids).logits, after(ids).logits)
 
 
 def test_transformers_refuses_the_llm_int8_folder_instead_of_loading_integers_as_floats(planted, stats, tmp_path):
@@ -131,6 +150,8 @@ def test_llm_int8_refuses_other_weight_schemes_activations_and_unknown_options(p
         _run(planted, base.model_copy(update={"activations": load_recipe("w8a8-dynamic").activations}), stats)
     with pytest.raises(RecipeError, match=r"unknown llm_int8 option\(s\) \['alpha'\]"):
         _run(planted, _with(base, alpha=0.5), stats)
+    with pytest.raises(RecipeError, match="w8-llmint8-t6: llm_int8 zero_point must be true or false, got 'yes'"):
+        _run(planted, _with(base, zero_point="yes"), stats)
 
 
 # ----------------------------------------------------------------------------- SmoothQuant
