@@ -163,7 +163,7 @@ def ablation(summary: dict, model_dir: Path, spec, n_windows: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo")
-    parser.add_argument("--recipe", action="append", help="default: the seven W8A8 / FP8 recipes")
+    parser.add_argument("--recipe", action="append", help="default: the W8A8 / FP8 recipes above")
     parser.add_argument("--no-transformers-check", action="store_true")
     parser.add_argument("--ablation-windows", type=int, default=8, help="0: skip the per-Linear-kind ablation")
     args = parser.parse_args(argv)

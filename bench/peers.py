@@ -7,8 +7,9 @@ Each row pairs a quantmill recipe with the peer configuration that computes the 
   w8a8-dynamic   torchao Int8DynamicActivationInt8WeightConfig(act_mapping_type=ASYMMETRIC)
                                                                       int8 per-channel W, per-token X with a zero point
   w8a8-dynamic-sym  torchao Int8DynamicActivationInt8WeightConfig()   int8 per-channel W, per-token X (absmax)
-  fp8-dynamic    torchao Float8DynamicActivationFloat8WeightConfig(PerRow())
-  w8-llmint8-t6  bitsandbytes Linear8bitLt(threshold=6.0)             LLM.int8() decomposition
+  fp8-dynamic-rtn  torchao Float8DynamicActivationFloat8WeightConfig(PerRow())   (fp8-dynamic is GPTQ'd)
+  w8-llmint8-t6-absmax  bitsandbytes Linear8bitLt(threshold=6.0)      LLM.int8() decomposition, absmax
+                                                                      (w8-llmint8-t6 is the zeropoint variant)
 
 quantmill's numbers come from the quantize flow (cached stages are reused); the peer's model is
 quantized in memory from the same float checkpoint (lm_head left in float, as in every recipe)
@@ -111,8 +112,8 @@ def peers() -> dict[str, tuple[str, Callable]]:
         "w4a16-rtn-g64": ("torchao IntxWeightOnlyConfig(int4, PerGroup(64))", torchao_peer(int4_g64)),
         "w8a8-dynamic": ("torchao Int8DynamicActivationInt8WeightConfig(act_mapping_type=ASYMMETRIC)", torchao_peer(w8a8_asym)),
         "w8a8-dynamic-sym": ("torchao Int8DynamicActivationInt8WeightConfig()", torchao_peer(w8a8)),
-        "fp8-dynamic": ("torchao Float8DynamicActivationFloat8WeightConfig(PerRow())", torchao_peer(fp8)),
-        "w8-llmint8-t6": ("bitsandbytes Linear8bitLt(threshold=6.0)", bnb_llm_int8(6.0)),
+        "fp8-dynamic-rtn": ("torchao Float8DynamicActivationFloat8WeightConfig(PerRow())", torchao_peer(fp8)),
+        "w8-llmint8-t6-absmax": ("bitsandbytes Linear8bitLt(threshold=6.0)", bnb_llm_int8(6.0)),
     }
 
 
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--only", nargs="*", help="quantmill recipes to compare (default: every pair)")
     parser.add_argument("--windows", type=int, default=None, help="eval windows (default: the flow's, 32)")
+    parser.add_argument("--eval", default=None, help="evaluation dataset spec (default: the flow's, stdlib:eval)")
     args = parser.parse_args(argv)
 
     from flows.quantize import quantize_flow
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: no peer for {unknown}; known: {list(pairs)}", file=sys.stderr)
         return 2
-    spec = EvaluationSpec() if args.windows is None else EvaluationSpec(windows=args.windows)
+    spec = EvaluationSpec(**{k: v for k, v in (("windows", args.windows), ("dataset", args.eval)) if v is not None})
     summary = quantize_flow(model=args.model, recipes=chosen, evaluation=spec)
     ours = {r["recipe"]: r for r in summary["rows"]}
     model_dir = Store().get("resolve_model", summary["model_key"]).path / "checkpoint"
