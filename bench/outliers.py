@@ -1,6 +1,7 @@
-"""Outlier-aware quantization on `demo`: naive W8A8 (static per-tensor min-max, dynamic per-token)
+"""Outlier-aware quantization on `demo`: naive W8A8 (static per-tensor min-max, dynamic per-token,
+symmetric and with a zero point)
 against SmoothQuant (alpha 0.5, 0.8 and searched per block, per-token inputs, RTN or GPTQ weights;
-alpha 0.5 with static inputs from bench/recipes) and LLM.int8(), and AWQ against RTN and GPTQ at
+alpha 0.5 with static inputs from bench/recipes) and LLM.int8() (zeropoint and absmax), and AWQ against RTN and GPTQ at
 W4 g64.
 
 Runs the quantize flow in-process with the default calibration (64 x 512 stdlib:calib) and
@@ -35,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BENCH_RECIPES = Path(__file__).resolve().parent / "recipes"
 W8A8 = [
-    "w8a8-static-minmax", "w8a8-dynamic", str(BENCH_RECIPES / "w8a8-smoothquant-a05-static.yaml"),
+    "w8a8-static-minmax", "w8a8-dynamic-sym", "w8a8-dynamic", str(BENCH_RECIPES / "w8a8-smoothquant-a05-static.yaml"),
     "w8a8-smoothquant-a05", "w8a8-smoothquant-a08", "w8a8-smoothquant-auto", "w8a8-smoothquant-auto-gptq",
-    "w8-llmint8-t6",
+    "w8-llmint8-t6-absmax", "w8-llmint8-t6",
 ]
 W4 = ["w4a16-rtn-g64", "w4a16-gptq-g64", "w4a16-awq-g64", "w4a16-awq-gptq-g64"]
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ppl = {name: r["ppl"] for name, r in by.items()}
     if "w8a8-smoothquant-auto" in ppl:
         checks.append(("w8a8-smoothquant-auto ppl <= 1.01 x FP", ppl["w8a8-smoothquant-auto"] <= 1.01 * fp["ppl"]))
-        for naive in ("w8a8-static-minmax", "w8a8-dynamic"):
+        for naive in ("w8a8-static-minmax", "w8a8-dynamic-sym", "w8a8-dynamic"):
             if naive in ppl:
                 checks.append((f"w8a8-smoothquant-auto ppl < naive W8A8 ({naive})", ppl["w8a8-smoothquant-auto"] < ppl[naive]))
     if "w8a8-smoothquant-a05-static" in ppl and "w8a8-static-minmax" in ppl:
