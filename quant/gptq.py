@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quant.modules import FP8_MAX, quantize_fp8
+from quant.modules import quantize_fp8
 from quant.qparams import (
     QuantizedWeight,
     compute_qparams,
@@ -30,6 +30,7 @@ from quant.qparams import (
     quantize_weight_rtn,
     weight_qparams,
 )
+from quant.schemes import quantize_weight_fp8
 
 
 class HessianAccumulator:
@@ -190,9 +191,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
     dynamic_groups = gs is not None and not options.static_groups
     fp8 = options.weight_type == "fp8"
     if fp8:
-        scale = W.abs().amax(dim=1, keepdim=True) / FP8_MAX
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.zeros_like(scale, dtype=torch.int32)
+        rtn_fp8 = quantize_weight_fp8(W, "channel")  # its scales (absmax / 448), and the fallback
+        scale, zero = rtn_fp8.scale, rtn_fp8.zero_point
     elif gs is None:
         scale, zero = weight_qparams(W, bits, symmetric, "channel")
     elif options.static_groups:
@@ -216,7 +216,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
     if Hinv is None:
         granularity = "channel" if gs is None else "group"
         if fp8:
-            weight = QuantizedWeight(quantize_fp8(W_orig, scale), scale, zero, bits)
+            weight = rtn_fp8  # W_orig is W before act-order: the same RTN
         else:
             weight = quantize_weight_rtn(W_orig, bits, symmetric, granularity, gs)
         return GPTQResult(weight, loss=math.nan, damp=math.nan, fallback_rtn=True, dead_columns=dead_columns)
