@@ -6,11 +6,12 @@ What transformers does with these checkpoints on the CPU (transformers 5.24, com
 each Linear keeps compressed-tensors' wrapped forward, de-compresses its weight once and
 fake-quantizes its *input* on every call (`forward_quantize(module, input, "input", ...)`). So
 activation quantization does happen at run time there, in float. Static scales are read from the
-checkpoint, fp8 dynamic scales are absmax / 448 as in QuantLinear and asymmetric int8 dynamic
-ones (max - min) / 255 with a rounded zero point, also as in QuantLinear: logits agree exactly.
-Symmetric int8 dynamic per-token scales differ: compressed-tensors uses absmax / 127.5
-(`calculate_qparams`: max / (bit_range / 2)), QuantLinear and vLLM's int8 kernels absmax / 127.
-That grid difference is the whole gap (the test swaps the divisor and gets equality).
+checkpoint and fp8 dynamic scales are absmax / 448 as in QuantLinear: logits agree exactly. Int8
+dynamic per-token grids differ: symmetric, compressed-tensors uses absmax / 127.5
+(`calculate_qparams`: max / (bit_range / 2)) where QuantLinear and vLLM's int8 kernels use
+absmax / 127; asymmetric, the scale and zero point are the same but compressed-tensors rounds
+x / s + z in float32 where QuantLinear (and vLLM's azp kernel) rounds x / s and adds the integer z.
+Those differences are the whole gap (the test swaps in compressed-tensors' grid and gets equality).
 """
 
 from __future__ import annotations
@@ -59,6 +60,21 @@ def _quantize_and_save(tiny_model: Path, recipe: Recipe, stats, dst: Path):
     result = METHODS[recipe.method](MethodContext(model, recipe, stats, _ids(), torch.device("cpu")))
     save_quantized(model, result.weights, recipe, dst, {"recipe": recipe.name}, input_qparams=result.input_qparams)
     return result
+
+
+def _compressed_tensors_dynamic_int8(self: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
+    """QuantLinear.fake_quantize_input with compressed-tensors' dynamic int8 grid
+    (calculate_qparams and _quantize of compressed-tensors 0.20)."""
+    if self.scheme.act_symmetric:
+        scale = x2.abs().amax(dim=1, keepdim=True) / 127.5
+        zp = torch.zeros_like(scale)
+    else:
+        zero = torch.zeros(1, dtype=x2.dtype)
+        lo, hi = torch.minimum(x2.amin(dim=1, keepdim=True), zero), torch.maximum(x2.amax(dim=1, keepdim=True), zero)
+        scale = (hi - lo) / 255
+        zp = torch.round((-128 - lo / scale).clamp(-128, 127))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round((x2 / scale + zp).clamp(-128, 127)) - zp) * scale
 
 
 def _weight_only(tiny_model: Path, result) -> torch.nn.Module:
@@ -131,19 +147,13 @@ def test_checkpoint_round_trip(tiny_model, tiny_stats, tmp_path, name, monkeypat
     act_effect = (ours_logits - float_inputs).abs().max().item()
     assert act_effect > 1e-4  # inputs really are quantized in quantmill's model
     gap = (served_logits - ours_logits).abs().max().item()
-    if a.type == "int" and a.dynamic and a.symmetric:
-        # compressed-tensors' symmetric dynamic int8 grid is absmax / 127.5 (its asymmetric one,
-        # (max - min) / 255 with a rounded zero point, is ours); with that divisor we agree exactly.
+    if a.type == "int" and a.dynamic:
+        # compressed-tensors' dynamic int8 grid differs from quantmill's (and vLLM's kernels'):
+        # symmetric, its scale is absmax / 127.5, not / 127; asymmetric, it rounds x / s + z in
+        # float32 where quantmill rounds x / s and adds the integer z (the two differ by one
+        # step where x / s + z lands on a half in float32). With its grid we agree exactly.
         assert gap < 0.05 * ours_logits.abs().max().item()
-        original = QuantLinear.input_qparams
-
-        def ct_grid(self, x2):
-            if self.scheme.act == "dynamic" and self.scheme.act_type == "int" and self.scheme.act_symmetric:
-                scale = x2.abs().amax(dim=1, keepdim=True) / 127.5
-                return torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale, dtype=torch.int32)
-            return original(self, x2)
-
-        monkeypatch.setattr(QuantLinear, "input_qparams", ct_grid)
+        monkeypatch.setattr(QuantLinear, "fake_quantize_input", _compressed_tensors_dynamic_int8)
         with torch.no_grad():
             gap = (served(ids).logits - ours(ids).logits).abs().max().item()
     assert gap < 1e-5, f"{name}: transformers vs quantmill max |logit diff| {gap:.3g}"
