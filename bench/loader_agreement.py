@@ -1,8 +1,10 @@
 """Do transformers (with compressed-tensors) and quantmill's own loader give the same logits for
 every quantized checkpoint in the store? Prints one row per checkpoint: max |logit difference|
-over the first eval windows.
+over the first eval windows. With --compressed-tensors-grid, quantmill's dynamic int8 inputs use
+compressed-tensors' grid (quant.modules.compressed_tensors_dynamic_int8) instead of vLLM's: the
+difference left is then the loaders', not the grids'.
 
-    QUANTMILL_HOME=/tmp/qmdemo .venv/bin/python bench/loader_agreement.py [--windows 2]
+    QUANTMILL_HOME=/tmp/qmdemo .venv/bin/python bench/loader_agreement.py [--windows 2] [--recipe NAME ...] [--compressed-tensors-grid]
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ def main() -> None:
 
     from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
     from quant.checkpoint import load_quantized
+    from quant.llm_int8_checkpoint import is_llm_int8
+    from quant.modules import QuantLinear, compressed_tensors_dynamic_int8
     from quant.sources import load_tokenizer
     from tasks.store import default_root
 
@@ -30,13 +34,28 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--recipe", action="append", help="only these recipes' checkpoints")
+    parser.add_argument("--compressed-tensors-grid", action="store_true", help="quantmill's dynamic int8 inputs on compressed-tensors' grid")
     args = parser.parse_args()
+    if args.compressed_tensors_grid:
+        vllm_grid = QuantLinear.fake_quantize_input
+
+        def grid(self, x2):
+            dynamic_int8 = (self.scheme.act, self.scheme.act_type) == ("dynamic", "int")
+            return compressed_tensors_dynamic_int8(self, x2) if dynamic_int8 else vllm_grid(self, x2)
+
+        QuantLinear.fake_quantize_input = grid
     root = default_root()
     rows = []
     for manifest in sorted((root / "quantize").glob("*/manifest.json")):
         entry = manifest.parent
         recipe = json.loads(manifest.read_text())["recipe"]["name"]
         folder = entry / "checkpoint"
+        if args.recipe and recipe not in args.recipe:
+            continue
+        if is_llm_int8(folder):
+            print(f"{recipe:<28} {entry.name[:12]}  quantmill-llm-int8: transformers has no loader for it", flush=True)
+            continue
         tokenizer = load_tokenizer(folder)
         windows = first_windows(tokenize_prefix(tokenizer, load_text(parse_spec("stdlib:eval")), args.windows * args.seq_len), args.windows, args.seq_len)
         served = AutoModelForCausalLM.from_pretrained(folder).eval()

@@ -345,3 +345,26 @@ class QuantLinear(nn.Module):
                 acc = acc + self.in_features * x_zp * w_zp
         y = acc.float() * (x_scale * w_scale)
         return y + self.bias if self.bias is not None else y
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def compressed_tensors_dynamic_int8(self: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
+    """QuantLinear.fake_quantize_input as compressed-tensors 0.20 computes dynamic int8 inputs
+    (`calculate_qparams`, `_quantize`), which transformers runs: symmetric scale absmax / 127.5;
+    asymmetric round(x / s + z) in float32. quantmill and vLLM's kernels use absmax / 127 and
+    round(x / s) + z. Not used for quantizing: swapped in (bench/loader_agreement.py
+    --compressed-tensors-grid, tests) to show that this grid is the whole loader difference."""
+    if (self.scheme.act, self.scheme.act_type) != ("dynamic", "int"):
+        raise ValueError(f"compressed-tensors' dynamic int8 grid does not apply to {self.describe()}")
+    if self.scheme.act_symmetric:
+        scale = x2.abs().amax(dim=1, keepdim=True) / 127.5
+        zp = torch.zeros_like(scale)
+    else:
+        zero = torch.zeros(1, dtype=x2.dtype, device=x2.device)
+        lo, hi = torch.minimum(x2.amin(dim=1, keepdim=True), zero), torch.maximum(x2.amax(dim=1, keepdim=True), zero)
+        scale = (hi - lo) / 255
+        zp = torch.round((-128 - lo / scale).clamp(-128, 127))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round((x2 / scale + zp).clamp(-128, 127)) - zp) * scale

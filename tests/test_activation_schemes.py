@@ -26,7 +26,7 @@ from safetensors import safe_open
 from quant.checkpoint import load_quantized, save_quantized
 from quant.errors import RecipeError, StatsError
 from quant.methods import METHODS, MethodContext, target_linears
-from quant.modules import QuantLinear, fp8_matmul_available
+from quant.modules import QuantLinear, compressed_tensors_dynamic_int8, fp8_matmul_available
 from quant.observers import ActivationStats
 from quant.qparams import compute_qparams
 from quant.recipe import Recipe, builtin_recipes, load_recipe, parse_recipe
@@ -60,21 +60,6 @@ def _quantize_and_save(tiny_model: Path, recipe: Recipe, stats, dst: Path):
     result = METHODS[recipe.method](MethodContext(model, recipe, stats, _ids(), torch.device("cpu")))
     save_quantized(model, result.weights, recipe, dst, {"recipe": recipe.name}, input_qparams=result.input_qparams)
     return result
-
-
-def _compressed_tensors_dynamic_int8(self: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
-    """QuantLinear.fake_quantize_input with compressed-tensors' dynamic int8 grid
-    (calculate_qparams and _quantize of compressed-tensors 0.20)."""
-    if self.scheme.act_symmetric:
-        scale = x2.abs().amax(dim=1, keepdim=True) / 127.5
-        zp = torch.zeros_like(scale)
-    else:
-        zero = torch.zeros(1, dtype=x2.dtype)
-        lo, hi = torch.minimum(x2.amin(dim=1, keepdim=True), zero), torch.maximum(x2.amax(dim=1, keepdim=True), zero)
-        scale = (hi - lo) / 255
-        zp = torch.round((-128 - lo / scale).clamp(-128, 127))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (torch.round((x2 / scale + zp).clamp(-128, 127)) - zp) * scale
 
 
 def _weight_only(tiny_model: Path, result) -> torch.nn.Module:
@@ -153,7 +138,7 @@ def test_checkpoint_round_trip(tiny_model, tiny_stats, tmp_path, name, monkeypat
         # float32 where quantmill rounds x / s and adds the integer z (the two differ by one
         # step where x / s + z lands on a half in float32). With its grid we agree exactly.
         assert gap < 0.05 * ours_logits.abs().max().item()
-        monkeypatch.setattr(QuantLinear, "fake_quantize_input", _compressed_tensors_dynamic_int8)
+        monkeypatch.setattr(QuantLinear, "fake_quantize_input", compressed_tensors_dynamic_int8)
         with torch.no_grad():
             gap = (served(ids).logits - ours(ids).logits).abs().max().item()
     assert gap < 1e-5, f"{name}: transformers vs quantmill max |logit diff| {gap:.3g}"
