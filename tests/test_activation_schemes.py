@@ -239,3 +239,16 @@ def test_a_method_that_ignores_static_activations_is_refused_at_save(tiny_model,
     with pytest.raises(RecipeError, match="gave no static input scale for 14 module"):
         save_quantized(model, result.weights, recipe, tmp_path / "q", {})
     assert not (tmp_path / "q").exists()
+
+
+def test_a_static_gptq_recipe_gets_the_observer_input_scales_of_rtn(tiny_model, tiny_stats):
+    # GPTQ changes the weights only: the static input scales are the observer's, as for rtn.
+    rtn = load_recipe("w8a8-static-mse")
+    gptq = rtn.model_copy(update={"name": "w8a8-static-mse-gptq", "method": "gptq"})
+    by_rtn = METHODS["rtn"](MethodContext(load_model(tiny_model), rtn, tiny_stats, _ids(), torch.device("cpu")))
+    by_gptq = METHODS["gptq"](MethodContext(load_model(tiny_model), gptq, tiny_stats, _ids(), torch.device("cpu")))
+    assert by_gptq.input_qparams.keys() == by_rtn.input_qparams.keys() == by_gptq.weights.keys()
+    for name, (scale, zero_point) in by_rtn.input_qparams.items():
+        assert torch.equal(by_gptq.input_qparams[name][0], scale) and torch.equal(by_gptq.input_qparams[name][1], zero_point)
+    rows = {r["module"]: r for r in by_gptq.report}
+    assert all("act_rel_rmse" in rows[name] for name in by_gptq.weights)
