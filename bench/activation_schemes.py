@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a busy 2-core machine
@@ -46,6 +47,9 @@ RECIPES = [
 
 
 from bench.tables import fmt, table  # noqa: E402  (after the sys.path line above)
+
+if TYPE_CHECKING:
+    import torch
 
 
 def first_window(model_dir: Path, spec) -> "torch.Tensor":

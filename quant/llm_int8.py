@@ -33,6 +33,11 @@ from quant.qparams import compute_qparams, quantize, quantize_weight_rtn
 DEFAULT_THRESHOLD = 6.0
 
 
+def inputs_label(zero_point: bool) -> str:
+    """How the int8 part's inputs are quantized, as reports and checkpoints name it."""
+    return "zeropoint" if zero_point else "absmax"
+
+
 def validate_threshold(threshold: float) -> float:
     """A recipe's outlier threshold: a number > 0 (inf allowed: no decomposition, plain W8A8)."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold <= 0:
@@ -104,14 +109,15 @@ class LLMInt8Linear(nn.Module):
         # int8 part: outlier columns zeroed, per-token scales over the remaining columns (a zeroed
         # column quantizes to exactly the zero point, so it adds nothing either way).
         X_r = X.masked_fill(outliers[None, :], 0.0)
-        if bool(self.input_zero_point):
+        zero_point = bool(self.input_zero_point)
+        if zero_point:
             s_x, zp = compute_qparams(X_r.amin(dim=1, keepdim=True), X_r.amax(dim=1, keepdim=True), 8, False)
         else:
             absmax = X_r.abs().amax(dim=1, keepdim=True)
             s_x, zp = compute_qparams(-absmax, absmax, 8, True)
         X_q = quantize(X_r, s_x, zp, 8).to(torch.int8)
         acc = int8_matmul(X_q, self.weight, self.backend)  # [T, out] int32
-        if bool(self.input_zero_point):
+        if zero_point:
             acc = acc - zp * self.weight.sum(dim=1, dtype=torch.int32)[None, :]
         Y = acc.float() * s_x * self.weight_scale.t()
 
@@ -127,7 +133,7 @@ class LLMInt8Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, threshold={self.threshold.item()}, "
-            f"inputs={'zeropoint' if bool(self.input_zero_point) else 'absmax'}"
+            f"inputs={inputs_label(bool(self.input_zero_point))}"
         )
 
 

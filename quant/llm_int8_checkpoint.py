@@ -56,6 +56,7 @@ def save_llm_int8(
     """Write `model` with `weights` (module name -> int8 per-row weight) as a quantmill-llm-int8
     checkpoint. The model itself is not modified."""
     from quant.checkpoint import LINEAGE_FILE, RECIPE_FILE, TOKENIZER_FILES
+    from quant.llm_int8 import inputs_label
     from quant.outlier_methods import llm_int8_threshold, llm_int8_zero_point
 
     threshold = llm_int8_threshold(recipe)
@@ -88,7 +89,7 @@ def save_llm_int8(
             if (tokenizer_dir / fname).is_file():
                 shutil.copy2(tokenizer_dir / fname, dst / fname)
     (dst / RECIPE_FILE).write_text(recipe.to_yaml())
-    (dst / LINEAGE_FILE).write_text(json.dumps({**lineage, "format": FORMAT, "llm_int8_threshold": threshold, "llm_int8_inputs": "zeropoint" if zero_point else "absmax"}, indent=2, sort_keys=True, default=str))
+    (dst / LINEAGE_FILE).write_text(json.dumps({**lineage, "format": FORMAT, "llm_int8_threshold": threshold, "llm_int8_inputs": inputs_label(zero_point)}, indent=2, sort_keys=True, default=str))
 
 
 def is_llm_int8(folder: str | Path) -> bool:

@@ -94,6 +94,8 @@ def llm_int8(ctx: MethodContext) -> MethodResult:
     runs at inference. The report adds, per module, the input channels whose calibration max|x|
     reaches the threshold (the columns the float path would take for an input like the whole
     calibration set)."""
+    from quant.llm_int8 import inputs_label
+
     recipe = ctx.recipe
     _check_options(recipe, LLM_INT8_OPTIONS)
     threshold = llm_int8_threshold(recipe)
@@ -114,7 +116,7 @@ def llm_int8(ctx: MethodContext) -> MethodResult:
             cols = s.absmax >= threshold
             extra = {"calib_outlier_columns": int(cols.sum()), "calib_outlier_fraction": float(cols.float().mean())}
         report.append(weight_error_report(name, linear.weight.data, qw, s, **extra))
-    return MethodResult(weights, report, {"llm_int8_threshold": threshold, "llm_int8_inputs": "zeropoint" if zero_point else "absmax"})
+    return MethodResult(weights, report, {"llm_int8_threshold": threshold, "llm_int8_inputs": inputs_label(zero_point)})
 
 
 def llm_int8_outlier_fractions(model: nn.Module) -> dict[str, float]:

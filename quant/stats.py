@@ -20,7 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from quant.arch import block_linears, layout_of
-from quant.observers import OUTLIER_THRESHOLD, ActivationStats, StatsAccumulator
+from quant.observers import ActivationStats, StatsAccumulator
 from quant.sequential import BlockInputs, run_sequential
 
 VECTOR_FIELDS = ("absmax", "min", "max", "mean_sq", "outliers")

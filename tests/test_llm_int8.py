@@ -199,7 +199,8 @@ def test_zeropoint_decomposition_beats_absmax_on_one_sided_inputs_and_backends_a
     assert zp.outlier_fraction == absmax.outlier_fraction == len(OUTLIER_COLUMNS) / 64
     assert err_zp < 0.5 * err_absmax
     emulated = LLMInt8Linear.from_linear(linear, 6.0, backend="emulate", zero_point=True)
-    assert torch.equal(emulated(x), zp(x))  # the zero-point correction is integer arithmetic too
+    kernel = LLMInt8Linear.from_linear(linear, 6.0, backend="int_mm", zero_point=True)  # torch._int_mm
+    assert torch.equal(emulated(x), kernel(x))  # the zero-point correction is integer arithmetic too
 
 
 def test_zeropoint_flag_round_trips_in_the_state_dict() -> None:
