@@ -113,19 +113,22 @@ def test_llm_int8_beats_naive_static_w8a8_on_outlier_channels(planted, stats, tm
 
 
 def test_an_llm_int8_checkpoint_without_the_zero_point_flag_loads_as_absmax(planted, stats, tmp_path):
-    # Checkpoints written before the zeropoint variant hold no `<name>.input_zero_point`.
+    # Checkpoints written before the zeropoint variant hold no `<name>.input_zero_point`: take a
+    # zeropoint checkpoint, drop the flags, and it must load and compute as the absmax one.
     from safetensors.torch import load_file, save_file
 
-    _save(planted, load_recipe("w8-llmint8-t6-absmax"), stats, tmp_path / "q")
-    path = tmp_path / "q" / WEIGHTS_FILE
-    tensors = {k: v for k, v in load_file(path).items() if not k.endswith(".input_zero_point")}
-    before = load_quantized(tmp_path / "q")
-    save_file(tensors, path, metadata={"format": "pt"})
-    after = load_quantized(tmp_path / "q")
-    assert not any(bool(m.input_zero_point) for m in after.modules() if isinstance(m, LLMInt8Linear))
+    _save(planted, load_recipe("w8-llmint8-t6"), stats, tmp_path / "zp")
+    _save(planted, load_recipe("w8-llmint8-t6-absmax"), stats, tmp_path / "absmax")
     ids = _ids(seed=6, n=2)
     with torch.no_grad():
-        assert torch.equal(before(ids).logits, after(ids).logits)
+        zp_logits = load_quantized(tmp_path / "zp")(ids).logits
+        absmax_logits = load_quantized(tmp_path / "absmax")(ids).logits
+        assert not torch.equal(zp_logits, absmax_logits)
+        path = tmp_path / "zp" / WEIGHTS_FILE
+        save_file({k: v for k, v in load_file(path).items() if not k.endswith(".input_zero_point")}, path, metadata={"format": "pt"})
+        old = load_quantized(tmp_path / "zp")
+        assert not any(bool(m.input_zero_point) for m in old.modules() if isinstance(m, LLMInt8Linear))
+        assert torch.equal(old(ids).logits, absmax_logits)
 
 
 def test_transformers_refuses_the_llm_int8_folder_instead_of_loading_integers_as_floats(planted, stats, tmp_path):
