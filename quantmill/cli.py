@@ -140,6 +140,11 @@ def recipes() -> None:
         typer.echo(f"{name:<24} {r.method:<12} {r.description}")
 
 
+from quantmill.store_cli import app as store_app  # noqa: E402  (quantmill store ls / gc)
+
+app.add_typer(store_app, name="store")
+
+
 def main() -> None:
     app()
 
