@@ -155,3 +155,117 @@ METHODS: dict[str, Callable[[MethodContext], MethodResult]] = {
     "awq": _outlier_method("awq"),
     "smoothquant": _outlier_method("smoothquant"),
 }
+
+
+# ----------------------------------------------------------------------------- load-time checks
+# Everything about a recipe that can be checked without a model runs when the recipe is loaded,
+# so a typo fails in milliseconds instead of after the calibration and stats stages.
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_ignore_patterns(patterns: tuple[str, ...]) -> None:
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise RecipeError(f"ignore pattern {pattern!r} is not a valid regular expression ({err})") from None
+
+
+def check_gptq_option_values(options: dict[str, Any]) -> None:
+    """Types and ranges of GPTQ's options (the solver would fail or hang on them mid-walk)."""
+    for name in ("blocksize", "max_damp_tries"):
+        if name in options and (not _is_int(options[name]) or options[name] < 1):
+            raise RecipeError(f"gptq option {name} must be an integer >= 1, got {options[name]!r}")
+    if "percdamp" in options:
+        value = options["percdamp"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise RecipeError(f"gptq option percdamp must be a number in (0, 1], got {value!r}")
+    for name in ("actorder", "static_groups", "true_sequential"):
+        if name in options and not isinstance(options[name], bool):
+            raise RecipeError(f"gptq option {name} must be true or false, got {options[name]!r}")
+
+
+def _check_rtn(recipe: Recipe) -> None:
+    if recipe.options:
+        raise RecipeError(f"unknown rtn option(s) {sorted(recipe.options)} (rtn takes none)")
+
+
+def _check_gptq(recipe: Recipe) -> None:
+    from quant.gptq_walk import OPTION_KEYS
+
+    unknown = set(recipe.options) - OPTION_KEYS
+    if unknown:
+        raise RecipeError(f"unknown gptq option(s) {sorted(unknown)} (known: {sorted(OPTION_KEYS)})")
+    check_gptq_option_values(recipe.options)
+
+
+def _check_outlier_method(recipe: Recipe) -> None:
+    """llm_int8 / awq / smoothquant: their own option checks (quant/outlier_methods.py), run early."""
+    from quant import outlier_methods as om
+    from quant.gptq_walk import OPTION_KEYS
+
+    o = recipe.options
+    if recipe.method == "llm_int8":
+        om._check_options(recipe, om.LLM_INT8_OPTIONS)
+        om.llm_int8_threshold(recipe)
+        om.llm_int8_zero_point(recipe)
+        return
+    known = (om.AWQ_OPTIONS if recipe.method == "awq" else om.SMOOTHQUANT_OPTIONS) | OPTION_KEYS
+    om._check_options(recipe, known)
+    check_gptq_option_values(o)
+    quantizer = om._quantizer_choice(recipe)
+    for name in ("grid", "search_samples") if recipe.method == "awq" else ("search_samples",):
+        if name in o and (not _is_int(o[name]) or o[name] < 1):
+            raise RecipeError(f"{recipe.method} option {name} must be an integer >= 1, got {o[name]!r}")
+    bools = ("clip",) if recipe.method == "awq" else ("v_o", "up_down")
+    for name in bools:
+        if name in o and not isinstance(o[name], bool):
+            raise RecipeError(f"{recipe.method} option {name} must be true or false, got {o[name]!r}")
+    w = recipe.weights
+    if recipe.method == "awq":
+        if w.type != "int" or w.granularity != "group":
+            raise RecipeError("awq searches scales for integer group-wise weights (weights: type int, granularity group)")
+        if recipe.activations is not None:
+            raise RecipeError("awq is weight-only: remove `activations`")
+        return
+    from quant.smoothquant import SEARCH_ERRORS, validate_alpha
+
+    alpha = om.smoothquant_alpha(recipe)
+    if recipe.activations is None:
+        raise RecipeError("smoothquant prepares activations for quantization: add an `activations` scheme (W8A8)")
+    grid = o.get("grid", [])
+    if not isinstance(grid, list) or not grid and "grid" in o:
+        raise RecipeError(f"smoothquant option grid must be a non-empty list of alphas in [0, 1], got {grid!r}")
+    for a in grid:
+        validate_alpha(a)
+    if o.get("search_error", "mse") not in SEARCH_ERRORS:
+        raise RecipeError(f"smoothquant search_error must be one of {SEARCH_ERRORS}, got {o['search_error']!r}")
+    if o.get("search", "shared") not in om.SEARCHES:
+        raise RecipeError(f"smoothquant search must be one of {om.SEARCHES}, got {o['search']!r}")
+    if o.get("search", "shared") != "shared" and alpha != "auto":
+        raise RecipeError(f"smoothquant search {o['search']!r} needs alpha: auto")
+    if quantizer == "gptq" and w.type != "int":
+        raise RecipeError("smoothquant quantizer gptq needs integer weights (weights: type int)")
+
+
+METHOD_CHECKS: dict[str, Callable[[Recipe], None]] = {
+    "rtn": _check_rtn,
+    "gptq": _check_gptq,
+    "llm_int8": _check_outlier_method,
+    "awq": _check_outlier_method,
+    "smoothquant": _check_outlier_method,
+}
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """The load-time checks of a recipe: its ignore patterns compile, its method's options are
+    known and in range. Messages name the option; the caller prefixes the recipe's file."""
+    check_ignore_patterns(recipe.ignore)
+    try:
+        METHOD_CHECKS.get(recipe.method, lambda r: None)(recipe)
+    except RecipeError as err:  # the methods' own checks say "recipe NAME: ..."; the caller names the file
+        raise RecipeError(str(err).removeprefix(f"recipe {recipe.name}: ")) from None

@@ -80,10 +80,18 @@ class ActivationScheme(_Strict):
 
 
 class QualityGate(_Strict):
-    """Refuse to register a result worse than this."""
+    """Limits a result must meet to get an alias: a failing one is registered, marked failed,
+    and cannot be promoted. Every version also passes a generation smoke test (tasks/gate.py)."""
 
-    max_ppl_ratio: float | None = Field(default=None, gt=1.0)
-    min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_ppl_ratio: float | None = Field(default=None, gt=1.0, description="highest quantized / float perplexity allowed")
+    max_kl: float | None = Field(default=None, gt=0.0, description="highest mean KL(P_float || P_quantized) allowed")
+    min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0, description="lowest share of unchanged top-1 next tokens allowed")
+
+    def merged(self, override: "QualityGate | None") -> "QualityGate":
+        """This gate with the limits `override` sets replacing ours (a flow or CLI parameter wins)."""
+        if override is None:
+            return self
+        return self.model_copy(update=override.model_dump(exclude_none=True))
 
 
 class Recipe(_Strict):
@@ -105,7 +113,11 @@ class Recipe(_Strict):
 
     @property
     def hash(self) -> str:
-        return sha256_text(canonical_json(self.model_dump(mode="json", exclude={"description"})))
+        """What the quantized tensors depend on: the gate only decides registration, so changing
+        it never recomputes a quantization (and hashes stay as they were before gates existed)."""
+        body = self.model_dump(mode="json", exclude={"description"})
+        body["gate"] = None
+        return sha256_text(canonical_json(body))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -124,15 +136,56 @@ def parse_recipe(data: Any, origin: str) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(f"recipe {origin}: {_first_error(err)}") from None
-    from quant.methods import METHODS  # the registry imports recipe types; import late
+    from quant.methods import METHODS, check_recipe  # the registry imports recipe types; import late
 
     if recipe.method not in METHODS:
         raise RecipeError(f"recipe {origin}: unknown method {recipe.method!r} (known: {', '.join(sorted(METHODS))})")
+    try:
+        check_recipe(recipe)  # ignore patterns compile, method options known and in range: before any work
+    except RecipeError as err:
+        raise RecipeError(f"recipe {origin}: {err}") from None
     return recipe
 
 
 def builtin_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+# A recipe is a screenful of YAML; 64 KiB is far above any real one and far below what would
+# hurt. Aliases are refused: a few lines of nested aliases (a "billion laughs") expand to
+# gigabytes when the recipe is hashed, long after validation passed in milliseconds.
+MAX_RECIPE_BYTES = 64 * 1024
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without anchors and aliases (a recipe never needs them)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            what = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
+            raise RecipeError(f"line {event.start_mark.line + 1}: YAML {what}{event.anchor} (anchors and aliases are not allowed in recipes)")
+        return super().compose_node(parent, index)
+
+
+def parse_recipe_text(text: str | bytes, origin: str) -> Recipe:
+    """A recipe from YAML text (a file's bytes, or inline YAML from a form), size-limited and
+    alias-free, validated; every error is one line starting with `recipe ORIGIN:`."""
+    size = len(text.encode("utf-8") if isinstance(text, str) else text)
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {origin}: {size} bytes, more than the {MAX_RECIPE_BYTES} a recipe may have")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RecipeError(f"recipe {origin}: not UTF-8 text (byte 0x{text[err.start]:02x} at offset {err.start})") from None
+    try:
+        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RecipeError as err:
+        raise RecipeError(f"recipe {origin}: {err}") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {origin}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return parse_recipe(data, origin)
 
 
 def load_recipe(name_or_path: str) -> Recipe:
@@ -147,7 +200,11 @@ def load_recipe(name_or_path: str) -> Recipe:
             raise RecipeError(f"unknown recipe {name_or_path!r} (built-in: {', '.join(known)})")
         path = known[name_or_path]
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return parse_recipe(data, str(path))
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:  # refused before reading: /dev/zero-sized files never load
+            raise RecipeError(f"recipe {path}: {size} bytes, more than the {MAX_RECIPE_BYTES} a recipe may have")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as err:
+        raise RecipeError(f"recipe {path}: cannot read ({err.strerror})") from None
+    return parse_recipe_text(raw, str(path))

@@ -154,3 +154,73 @@ def test_recipes_are_frozen_values() -> None:
     with pytest.raises(Exception):
         recipe.method = "gptq"  # type: ignore[misc]
     assert isinstance(RecipeError("x"), QuantmillError)
+
+
+# --------------------------------------------------------------------------- issue 17: parsing limits, load-time checks
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path) -> None:
+    bomb = "name: bomb\nmethod: rtn\nweights: {bits: 8}\noptions:\n  a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"  {chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(8)
+    )
+    path = _write(tmp_path, bomb)
+    assert _error(path) == f"recipe {path}: line 5: YAML anchor &a (anchors and aliases are not allowed in recipes)"
+
+
+def test_a_yaml_alias_alone_is_refused(tmp_path) -> None:
+    path = _write(tmp_path, "name: x\nmethod: rtn\nweights: {bits: 8}\nignore: *nowhere\n")
+    assert _error(path).startswith(f"recipe {path}: line 4: YAML alias *nowhere")
+
+
+def test_an_oversized_recipe_is_refused_before_reading(tmp_path) -> None:
+    path = _write(tmp_path, "name: big\nmethod: rtn\nweights: {bits: 8}\ndescription: '" + "x" * 70000 + "'\n")
+    size = path.stat().st_size
+    assert _error(path) == f"recipe {path}: {size} bytes, more than the 65536 a recipe may have"
+
+
+def test_inline_recipe_text_gets_the_same_limits() -> None:
+    from quant.recipe import parse_recipe_text
+
+    with pytest.raises(RecipeError, match=r"^recipe form: line 1: YAML anchor &a"):
+        parse_recipe_text("x: &a 1\ny: *a\n", "form")
+    assert parse_recipe_text("name: w8\nmethod: rtn\nweights: {bits: 8}\n", "form").name == "w8"
+
+
+def test_a_recipe_that_is_not_utf8_names_the_file_and_byte(tmp_path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\u00e9\nmethod: rtn\n".encode("latin-1"))
+    assert _error(path) == f"recipe {path}: not UTF-8 text (byte 0xe9 at offset 9)"
+
+
+def test_a_bad_regex_in_ignore_names_the_recipe_and_pattern(tmp_path) -> None:
+    path = _write(tmp_path, {**VALID, "ignore": ["lm_head", "re:mlp.(up|down"]})
+    assert _error(path) == f"recipe {path}: ignore pattern 're:mlp.(up|down' is not a valid regular expression (missing ), unterminated subpattern at position 4)"
+
+
+@pytest.mark.parametrize(
+    "method, options, message",
+    [
+        ("rtn", {"blocksize": 4}, "unknown rtn option(s) ['blocksize'] (rtn takes none)"),
+        ("gptq", {"blocksize": 0}, "gptq option blocksize must be an integer >= 1, got 0"),
+        ("gptq", {"blocksize": "128"}, "gptq option blocksize must be an integer >= 1, got '128'"),
+        ("gptq", {"percdamp": 0}, "gptq option percdamp must be a number in (0, 1], got 0"),
+        ("gptq", {"actorder": "yes"}, "gptq option actorder must be true or false, got 'yes'"),
+        ("gptq", {"act_order": True}, "unknown gptq option(s) ['act_order'] (known: ['actorder', 'blocksize', 'max_damp_tries', 'percdamp', 'static_groups', 'true_sequential'])"),
+        ("llm_int8", {"threshold": -1}, "llm_int8 threshold must be a number > 0, got -1"),
+        ("awq", {"grid": 0}, "awq option grid must be an integer >= 1, got 0"),
+        ("awq", {"quantizer": "hqq"}, "awq quantizer must be 'rtn' or 'gptq', got 'hqq'"),
+        ("awq", {"blocksize": 64}, "option(s) ['blocksize'] apply to quantizer: gptq only"),
+    ],
+)
+def test_method_options_are_checked_when_the_recipe_loads(tmp_path, method, options, message) -> None:
+    path = _write(tmp_path, {**VALID, "method": method, "options": options, **({"weights": {"bits": 8, "granularity": "channel"}} if method == "llm_int8" else {})})
+    assert _error(path) == f"recipe {path}: {message}"
+
+
+def test_smoothquant_options_are_checked_when_the_recipe_loads(tmp_path) -> None:
+    base = load_recipe("w8a8-smoothquant-auto").model_dump(mode="json")
+    path = _write(tmp_path, {**base, "options": {**base["options"], "search": "everywhere"}})
+    assert _error(path) == f"recipe {path}: smoothquant search must be one of ('shared', 'per_fold'), got 'everywhere'"
+    path = _write(tmp_path, {**base, "activations": None})
+    assert _error(path) == f"recipe {path}: smoothquant prepares activations for quantization: add an `activations` scheme (W8A8)"
