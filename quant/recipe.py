@@ -168,6 +168,20 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+def yaml_documents(text: str, origin: str, max_bytes: int = MAX_RECIPE_BYTES) -> list[Any]:
+    """Every YAML document of `text` (inline recipes from a form or a flow parameter), with the
+    recipe file's limits: size-limited, anchors and aliases refused; errors name `origin`."""
+    size = len(text.encode("utf-8"))
+    if size > max_bytes:
+        raise RecipeError(f"{origin}: {size} bytes, more than the {max_bytes} allowed")
+    try:
+        return list(yaml.load_all(text, Loader=_NoAliasLoader))  # noqa: S506 (a SafeLoader subclass)
+    except RecipeError as err:
+        raise RecipeError(f"{origin}: {err}") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{origin}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
 def parse_recipe_text(text: str | bytes, origin: str) -> Recipe:
     """A recipe from YAML text (a file's bytes, or inline YAML from a form), size-limited and
     alias-free, validated; every error is one line starting with `recipe ORIGIN:`."""

@@ -91,6 +91,10 @@ def validate_source(source: str, allow_pickle: bool = False) -> ModelSource:
         if not safetensors and not allow_pickle:
             names = ", ".join(p.name for p in pickles[:3])
             raise SourceError(f"{folder}: only pickle weights ({names}); loading them can run arbitrary code: pass --allow-pickle if you trust them")
+        if safetensors:
+            from quant.verify import check_headers
+
+            check_headers(folder, str(folder))  # headers against the architecture, tokenizer files: no weights read
     return parsed
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from prefect import task
 
 from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
 from quant.checkpoint import load_quantized, size_report
+from quant.errors import QuantmillError
 from quant.evaluate import evaluate_windows
 from quant.hashing import sha256_text
 from quant.outlier_methods import llm_int8_outlier_fractions
@@ -26,6 +28,14 @@ STAGE = "evaluate"
 def evaluate_key(model_key: str, quantized_key: str | None, spec: EvaluationSpec) -> str:
     params = {"dataset": parse_spec(spec.dataset).__dict__, "windows": spec.windows, "seq_len": spec.seq_len}
     return stage_key(STAGE, params, {"model": model_key, "quantized": quantized_key or "float"})
+
+
+def check_finite(metrics: dict[str, Any], what: str) -> None:
+    """NaN or inf metrics are a broken evaluation, not a result: refused before the commit, so a
+    re-run computes them again instead of reading them from the store (and a gate never passes them)."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise QuantmillError(f"evaluate {what}: {', '.join(f'{k} is {metrics[k]}' for k in bad)} (the model's outputs are not finite); nothing committed")
 
 
 def _key_of(p: dict[str, Any]) -> tuple[str, str]:
@@ -67,6 +77,7 @@ def evaluate(model: dict[str, Any], spec: EvaluationSpec, quantized: dict[str, A
                 metrics["outlier_fraction_by_module"] = fractions
             metrics["ppl_ratio"] = metrics["ppl"] / metrics["reference_ppl"]
             metrics["quantize_seconds"] = quantized["manifest"]["quantize_seconds"]
+        check_finite(metrics, what)
         metrics["eval_text_sha256"] = sha256_text(text)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         entry = s.commit(tmp, STAGE, key, {"metrics": metrics, "what": what})

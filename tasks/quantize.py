@@ -16,7 +16,8 @@ from prefect.runtime import flow_run
 
 import quant
 from quant.checkpoint import save_quantized
-from quant.methods import METHOD_VERSIONS, METHODS, MethodContext
+from quant.errors import QuantmillError, RecipeError
+from quant.methods import METHOD_VERSIONS, METHODS, MethodContext, target_linears
 from quant.recipe import Recipe
 from quant.sequential import finished_blocks, pick_device, release_host_memory, return_large_frees_to_os
 from quant.sources import load_model
@@ -89,6 +90,8 @@ def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str
         return_large_frees_to_os()  # replaced float weights leave the resident set (peak host memory)
         src = checkpoint_dir(model)
         net = load_model(src)
+        if not target_linears(net, recipe):  # a degenerate result is refused, not cached
+            raise RecipeError(f"recipe {recipe.name}: its ignore patterns {list(recipe.ignore)} match every Linear of the decoder blocks: nothing to quantize")
         progress = Progress(f"quantize {recipe.name}: blocks done")
         # Blocks an earlier, killed run finished keep their times (their metadata is in the partial folder).
         resumed = {i: m["seconds"] for i, m in finished_blocks(tmp / "partial").items() if isinstance(m.get("seconds"), (int, float))}
@@ -112,6 +115,8 @@ def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str
         seconds = time.perf_counter() - start
         release_host_memory()  # the method's temporaries, before the checkpoint is written
         modules = len(result.weights)
+        if modules == 0:
+            raise QuantmillError(f"recipe {recipe.name}: method {recipe.method} quantized 0 modules; nothing committed")
         save_quantized(
             net, result.weights, recipe, tmp / "checkpoint", {**lineage(model, calibration, stats, recipe, key), **result.notes},
             tokenizer_dir=src, input_qparams=result.input_qparams, release_weights=True,

@@ -224,3 +224,14 @@ def test_smoothquant_options_are_checked_when_the_recipe_loads(tmp_path) -> None
     assert _error(path) == f"recipe {path}: smoothquant search must be one of ('shared', 'per_fold'), got 'everywhere'"
     path = _write(tmp_path, {**base, "activations": None})
     assert _error(path) == f"recipe {path}: smoothquant prepares activations for quantization: add an `activations` scheme (W8A8)"
+
+
+def test_inline_yaml_documents_get_the_same_limits() -> None:
+    from quant.recipe import yaml_documents
+
+    assert yaml_documents("a: 1\n---\n- b\n", "recipe_yaml") == [{"a": 1}, ["b"]]
+    with pytest.raises(RecipeError) as err:
+        yaml_documents("a: 1\n---\nb: &x [1]\nc: *x\n", "recipe_yaml")
+    assert str(err.value) == "recipe_yaml: line 3: YAML anchor &x (anchors and aliases are not allowed in recipes)"
+    with pytest.raises(RecipeError, match=r"^recipe_yaml: 70001 bytes, more than the 65536 allowed$"):
+        yaml_documents("#" * 70001, "recipe_yaml")
