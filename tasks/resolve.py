@@ -10,6 +10,7 @@ from prefect import task
 
 from quant.errors import SourceError
 from quant.hashing import hash_files, sha256_file
+from quant.verify import verify_checkpoint
 from quant.sources import (
     DEMO_GGUF,
     DEMO_PACKAGE,
@@ -98,6 +99,7 @@ def resolve_model(source: str, allow_pickle: bool = False) -> dict[str, Any]:
     with s.build(STAGE, key) as tmp:
         ckpt = tmp / "checkpoint"
         info = _materialize(parse_source(source), ckpt, allow_pickle)
+        verify_checkpoint(ckpt, label=source)  # every tensor present, shaped and finite; tokenizer loads: or nothing is committed
         files = hash_files(ckpt)
         from transformers import AutoConfig
 
