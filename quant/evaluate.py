@@ -83,3 +83,47 @@ def evaluate_windows(
 def max_logit_difference(a: nn.Module, b: nn.Module, windows: torch.Tensor) -> float:
     """Largest |logit_a - logit_b| over the windows (checks two loaders of one checkpoint agree)."""
     return max((_logits(a, w[None]) - _logits(b, w[None])).abs().max().item() for w in windows)
+
+
+SMOKE_PROMPT = "The meaning of a quantized model is"
+SMOKE_TOKENS = 32
+
+
+@dataclass
+class SmokeResult:
+    """What greedy generation from a fixed prompt gave: a model that passes the perplexity gate can
+    still emit NaN logits or nothing at all (a broken kernel, a zeroed layer)."""
+
+    prompt: str
+    text: str
+    tokens: int
+    finite_logits: bool
+
+    @property
+    def failures(self) -> list[str]:
+        out = []
+        if not self.finite_logits:
+            out.append("generation produced non-finite logits")
+        if not self.text.strip():
+            out.append(f"greedy generation of {self.tokens} tokens gave empty text")
+        return out
+
+
+@torch.no_grad()
+def generation_smoke_test(model: nn.Module, tokenizer, prompt: str = SMOKE_PROMPT, tokens: int = SMOKE_TOKENS) -> SmokeResult:
+    """Greedy `tokens` new tokens from `prompt` (end-of-text suppressed so the length is fixed)."""
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    finite = all(bool(torch.isfinite(step).all()) for step in out.logits)
+    new = out.sequences[0, ids.shape[1] :]
+    return SmokeResult(prompt, tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), finite)

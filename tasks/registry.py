@@ -1,90 +1,50 @@
 """register: one MLflow run per (model, recipe) and an immutable registered model version.
 
-Tracking goes to $MLFLOW_TRACKING_URI when set, else a SQLite file and an artifact folder under
-$QUANTMILL_HOME/mlflow. A version is never overwritten: re-registering the same quantized entry
-finds the version that carries its key and returns it.
+A version is an MLflow Model whose folder is the quantized checkpoint itself (tasks/mlflow_model.py),
+tagged with its lineage and the sha256 of every file in it, so `quantmill pull` can verify what
+arrives against what was registered. A version is never overwritten: re-registering the same
+quantized entry finds the version that carries its key and returns it. A version that fails its
+quality gate is registered, marked `quantmill.gate=failed`, and gets no alias.
+
+When the registry cannot be reached, the request is kept as a pending record in the store
+(`<QUANTMILL_HOME>/pending-registrations/`); `quantmill register` replays it later, with nothing
+recomputed.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import warnings
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
-from quant.errors import QuantmillError, SourceError
+from quant.hashing import hash_files
 from quant.recipe import Recipe
 from tasks.common import log, store
+from tasks.mlflow_model import build_model_folder
 from tasks.report import layer_metrics, plot_output_error
+from tasks.tracking import (  # noqa: F401  (re-exported: the registry's one import point)
+    EXPERIMENT,
+    RegistryError,
+    check_model_name,
+    client,
+    download_model,
+    experiment_id,
+    mlflow_module,
+    resolve_model_uri,
+    tracking_uri,
+)
 
-EXPERIMENT = "quantmill"
 CANDIDATE_ALIAS = "candidate"
-
-
-def _mlflow():
-    warnings.filterwarnings("ignore", message=".*noload.*")
-    import mlflow
-
-    return mlflow
-
-
-# mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into the environment; URIs that quantmill
-# chose itself must not then be mistaken for the user's choice (a later run with another
-# QUANTMILL_HOME would log into the old home).
-_DEFAULT_URIS: set[str] = set()
-
-
-def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri and uri not in _DEFAULT_URIS:
-        return uri
-    folder = store().root / "mlflow"
-    folder.mkdir(parents=True, exist_ok=True)
-    default = f"sqlite:///{folder / 'mlflow.db'}"
-    _DEFAULT_URIS.add(default)
-    return default
-
-
-def client():
-    mlflow = _mlflow()
-    mlflow.set_tracking_uri(tracking_uri())
-    return mlflow.MlflowClient(tracking_uri())
-
-
-def experiment_id() -> str:
-    c = client()
-    found = c.get_experiment_by_name(EXPERIMENT)
-    if found is not None:
-        return found.experiment_id
-    location = None
-    if tracking_uri().startswith("sqlite:"):
-        location = (store().root / "mlflow" / "artifacts").resolve().as_uri()
-    return c.create_experiment(EXPERIMENT, artifact_location=location)
-
-
-def resolve_model_uri(uri: str) -> tuple[str, str]:
-    """models:/NAME@ALIAS or models:/NAME/VERSION -> (models:/NAME/VERSION, its checkpoint URI)."""
-    body = uri[len("models:/") :]
-    c = client()
-    try:
-        if "@" in body:
-            name, alias = body.split("@", 1)
-            version = c.get_model_version_by_alias(name, alias)
-        else:
-            name, number = body.rsplit("/", 1)
-            version = c.get_model_version(name, number)
-    except Exception as err:  # MlflowException for unknown names/aliases
-        raise SourceError(f"cannot resolve {uri}: {str(err).splitlines()[0]}") from None
-    return f"models:/{version.name}/{version.version}", version.source
-
-
-def download_model(version_uri: str, dst: Path) -> Path:
-    mlflow = _mlflow()
-    mlflow.set_tracking_uri(tracking_uri())
-    dst.mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=version_uri, dst_path=str(dst)))
+MODEL_ARTIFACT = "model"
+CHECKPOINT_TAG = "quantmill.checkpoint.sha256."
+SOURCE_TAG = "quantmill.source.sha256."
+GATE_TAG = "quantmill.gate"
+PENDING = "pending-registrations"
 
 
 def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -96,35 +56,78 @@ def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def gate_failures(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
-    gate = recipe.gate
-    if gate is None:
-        return []
-    failed = []
-    if gate.max_ppl_ratio is not None and metrics["ppl_ratio"] > gate.max_ppl_ratio:
-        failed.append(f"ppl ratio {metrics['ppl_ratio']:.4f} > {gate.max_ppl_ratio}")
-    if gate.min_top1_agreement is not None and metrics["top1_agreement"] < gate.min_top1_agreement:
-        failed.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {gate.min_top1_agreement}")
-    return failed
-
-
 def lineage_tags(quantized: dict[str, Any], lineage: dict[str, Any]) -> dict[str, str]:
+    """Tags that say where a version came from; `source.` hashes are of the float model that was
+    quantized, never of the files a version holds (those are `checkpoint.` tags)."""
     tags = {
         "quantmill.quantized_key": quantized["key"],
         "quantmill.recipe": lineage["recipe"],
         "quantmill.recipe_hash": lineage["recipe_hash"],
         "quantmill.source": lineage["source"],
-        "quantmill.resolved_revision": str(lineage.get("resolved_revision")),
-        "quantmill.calibration_text_sha256": lineage["calibration_text_sha256"],
-        "quantmill.version": lineage["quantmill_version"],
+        "quantmill.source.revision": str(lineage.get("resolved_revision")),
+        "quantmill.calibration.text_sha256": lineage["calibration_text_sha256"],
+        "quantmill.code_version": lineage["quantmill_version"],
         "quantmill.prefect_flow_run_id": str(lineage.get("prefect_flow_run_id")),
     }
     for stage, key in lineage["stage_keys"].items():
         tags[f"quantmill.key.{stage}"] = key
     for name, digest in sorted(lineage["source_file_hashes"].items()):
         if name.endswith((".safetensors", "config.json")):
-            tags[f"quantmill.file.{name}"] = digest
+            tags[SOURCE_TAG + name] = digest
     return tags
+
+
+def checkpoint_tags(hashes: dict[str, str]) -> dict[str, str]:
+    return {CHECKPOINT_TAG + name: digest for name, digest in hashes.items()}
+
+
+def checkpoint_hashes(tags: dict[str, str]) -> dict[str, str]:
+    """The sha256 of every file of a version, as recorded at registration (empty for versions
+    registered before quantmill recorded them)."""
+    return {k[len(CHECKPOINT_TAG) :]: v for k, v in tags.items() if k.startswith(CHECKPOINT_TAG)}
+
+
+def gate_tags(gate_result: dict[str, Any] | None) -> dict[str, str]:
+    if gate_result is None:
+        return {GATE_TAG: "none"}
+    tags = {GATE_TAG: gate_result["status"], "quantmill.gate.limits": json.dumps(gate_result.get("limits", {}))}
+    if gate_result.get("reasons"):
+        tags["quantmill.gate.reasons"] = "; ".join(gate_result["reasons"])[:4000]
+    smoke = gate_result.get("smoke") or {}
+    if smoke:
+        tags["quantmill.gate.smoke_text"] = smoke.get("text", "")[:500]
+    return tags
+
+
+def description(model_name: str, version: str, recipe: Recipe, lineage: dict[str, Any], metrics: dict[str, Any], gate_result: dict[str, Any] | None) -> str:
+    """The version page's text: what it is, how good, whether it passed, and how to load it."""
+    w = recipe.weights
+    scheme = f"{w.type}{w.bits} weights, {w.granularity}" + (f" {w.group_size}" if w.group_size else "") + ("" if w.symmetric else ", zero point")
+    if recipe.activations is not None:
+        a = recipe.activations
+        scheme += f"; {a.type}{a.bits} inputs, {'dynamic per token' if a.dynamic else 'static per tensor'}"
+    gate = "none set (smoke test only)" if gate_result is None else gate_result["status"] + (f": {'; '.join(gate_result['reasons'])}" if gate_result.get("reasons") else "")
+    uri = f"models:/{model_name}/{version}"
+    folder = f"./{model_name}-v{version}"
+
+    def num(key: str, spec: str) -> str:
+        value = metrics.get(key)
+        return "-" if value is None else format(value, spec)
+
+    return "\n".join([
+        f"**{lineage['source']}** quantized by quantmill with recipe **{recipe.name}** ({recipe.method}; {scheme}).",
+        "",
+        f"ppl {num('ppl', '.3f')} ({num('ppl_ratio', '.4f')} x float), KL {num('kl', '.4f')}, top-1 agreement {num('top1_agreement', '.4f')}, "
+        f"{num('size_mb', '.1f')} MB, {num('bits_per_weight', '.2f')} bits/weight. Quality gate: {gate}.",
+        "",
+        "Load it:",
+        "```",
+        f"quantmill pull {uri} {folder}      # verifies every file's sha256",
+        f'AutoModelForCausalLM.from_pretrained("{folder}")',
+        f'mlflow.pyfunc.load_model("{uri}")',
+        f"mlflow models serve -m {uri} --env-manager local",
+        "```",
+    ])
 
 
 def log_layer_report(run_id: str, rows: list[dict[str, Any]], title: str = "", block_seconds: dict[str, float] | None = None) -> int:
@@ -132,7 +135,6 @@ def log_layer_report(run_id: str, rows: list[dict[str, Any]], title: str = "", b
     for each module, `block.<field>` for the block's mean) and a PNG of relative output error by
     block (`layer_report/rel_output_error.png`); with `block_seconds` ({block: s}) also
     `block.seconds`. Returns the number of metric values logged."""
-    import tempfile
     import time
 
     from mlflow.entities import Metric
@@ -162,49 +164,154 @@ def log_outlier_report(lineage: dict[str, Any]) -> list[str]:
         return []
     files = [entry.path / f for f in REPORT_FILES if (entry.path / f).is_file()]
     for f in files:
-        _mlflow().log_artifact(str(f), artifact_path="outliers")
+        mlflow_module().log_artifact(str(f), artifact_path="outliers")
     return [f.name for f in files]
 
 
-@task(name="register")
-def register(name: str, quantized: dict[str, Any], metrics: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    """Log the run and register a version (alias `candidate`), or return the existing version."""
-    import json
+def _existing_version(c, model_name: str, quantized_key: str):
+    for version in c.search_model_versions(f"name='{model_name}'"):
+        if version.tags.get("quantmill.quantized_key") == quantized_key:
+            return version
+    return None
 
+
+def _result(model_name: str, version, reused: bool) -> dict[str, Any]:
+    return {
+        "name": model_name,
+        "version": str(version.version),
+        "uri": f"models:/{model_name}/{version.version}",
+        "run_id": version.run_id,
+        "gate": version.tags.get(GATE_TAG, "none"),
+        "aliases": list(getattr(version, "aliases", []) or []),
+        "reused": reused,
+    }
+
+
+def _pending_path(name: str, quantized_key: str) -> Path:
+    return store().root / PENDING / f"{quantized_key[:16]}-{name}.json"
+
+
+def pending_registrations() -> list[Path]:
+    folder = store().root / PENDING
+    return sorted(folder.glob("*.json")) if folder.is_dir() else []
+
+
+def _keep_pending(request: dict[str, Any]) -> Path:
+    path = _pending_path(request["name"], request["quantized"]["key"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(request, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def register_version(
+    name: str,
+    quantized: dict[str, Any],
+    metrics: dict[str, Any],
+    reference: dict[str, Any],
+    gate_result: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Register (or find) the version of one quantized store entry. Any failure to reach or write
+    the registry keeps the request as a pending record and raises one line naming the URI."""
+    request = {"name": name, "quantized": quantized, "metrics": metrics, "reference": reference, "gate_result": gate_result, "evaluation": evaluation}
+    check_model_name(name)
+    try:
+        result = _register(**request)
+    except RegistryError as err:
+        if "unreachable" not in str(err):
+            raise  # refused for a reason a retry will not fix (a bad name): nothing to keep
+        _keep_pending(request)
+        raise RegistryError(f"{err}; the quantized results are kept: run `quantmill register` when it is back") from None
+    except Exception as err:  # the server died mid-way, a write was refused: keep the work, say where
+        _keep_pending(request)
+        raise RegistryError(f"registering in {tracking_uri()} failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}; the quantized results are kept: run `quantmill register` to retry") from None
+    _pending_path(name, quantized["key"]).unlink(missing_ok=True)
+    return result
+
+
+def _register(name, quantized, metrics, reference, gate_result, evaluation) -> dict[str, Any]:
     c = client()
     recipe = Recipe.model_validate(quantized["manifest"]["recipe"])
-    model_name = f"{name}-{recipe.name}"
+    model_name = check_model_name(f"{name}-{recipe.name}")
     try:
         c.get_registered_model(model_name)
     except Exception:
-        c.create_registered_model(model_name, description=f"{name} quantized with recipe {recipe.name} by quantmill")
-    for version in c.search_model_versions(f"name='{model_name}'"):
-        if version.tags.get("quantmill.quantized_key") == quantized["key"]:
-            log(f"reused registered version models:/{model_name}/{version.version}")
-            return {"name": model_name, "version": version.version, "uri": f"models:/{model_name}/{version.version}", "run_id": version.run_id, "reused": True}
-    failed = gate_failures(recipe, metrics)
-    if failed:
-        raise QuantmillError(f"recipe {recipe.name} failed its quality gate: {'; '.join(failed)}; not registered")
+        c.create_registered_model(model_name, description=f"{name} quantized with recipe {recipe.name} by quantmill", tags={"quantmill.recipe": recipe.name})
+    found = _existing_version(c, model_name, quantized["key"])
+    if found is not None:
+        log(f"reused registered version models:/{model_name}/{found.version}")
+        return _result(model_name, found, reused=True)
     qdir = Path(quantized["path"]) / "checkpoint"
     lineage = json.loads((qdir / "quantmill.json").read_text())
-    mlflow = _mlflow()
-    with mlflow.start_run(experiment_id=experiment_id(), run_name=model_name) as run:
-        params = _flat("recipe", recipe.model_dump(mode="json", exclude={"description"}), {})
-        params.update({"source": lineage["source"], "calibration": json.dumps(lineage["calibration_spec"])})
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
-        numeric["reference_ppl_full"] = float(reference["ppl"])
-        mlflow.log_metrics(numeric)
-        mlflow.set_tags(lineage_tags(quantized, lineage))
-        mlflow.log_artifacts(str(qdir), artifact_path="checkpoint")
-        report = Path(quantized["path"]) / "report.json"
-        if report.is_file():
-            mlflow.log_artifact(str(report))
-            log_layer_report(run.info.run_id, json.loads(report.read_text()), title=f"{model_name}: relative output error by block", block_seconds=quantized["manifest"].get("block_seconds"))
-        log_outlier_report(lineage)
-        run_id = run.info.run_id
-    version = c.create_model_version(model_name, source=f"runs:/{run_id}/checkpoint", run_id=run_id, tags=lineage_tags(quantized, lineage))
-    c.set_registered_model_alias(model_name, CANDIDATE_ALIAS, version.version)
+    mlflow = mlflow_module()
+    scratch_root = store().root / "registering"
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{model_name}-", dir=scratch_root))
+    try:
+        folder = build_model_folder(qdir, scratch / MODEL_ARTIFACT)
+        hashes = hash_files(folder)
+        tags = {**lineage_tags(quantized, lineage), **gate_tags(gate_result)}
+        with mlflow.start_run(experiment_id=experiment_id(), run_name=model_name) as run:
+            params = _flat("recipe", recipe.model_dump(mode="json", exclude={"description", "gate"}), {})
+            params.update({"source": lineage["source"], "calibration": json.dumps(lineage["calibration_spec"])})
+            if evaluation:
+                params.update({f"eval.{k}": v for k, v in evaluation.items()})
+            params["eval.text_sha256"] = metrics.get("eval_text_sha256")
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            numeric["reference_ppl_full"] = float(reference["ppl"])
+            mlflow.log_metrics(numeric)
+            mlflow.set_tags(tags)
+            mlflow.log_artifacts(str(folder), artifact_path=MODEL_ARTIFACT)
+            if gate_result is not None:
+                mlflow.log_dict(gate_result, "gate.json")
+            report = Path(quantized["path"]) / "report.json"
+            if report.is_file():
+                mlflow.log_artifact(str(report))
+                log_layer_report(run.info.run_id, json.loads(report.read_text()), title=f"{model_name}: relative output error by block", block_seconds=quantized["manifest"].get("block_seconds"))
+            log_outlier_report(lineage)
+            run_id = run.info.run_id
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    # A concurrent identical run may have registered while we uploaded: keep one version.
+    found = _existing_version(c, model_name, quantized["key"])
+    if found is not None:
+        return _result(model_name, found, reused=True)
+    version = c.create_model_version(model_name, source=f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id, tags={**tags, **checkpoint_tags(hashes)})
+    c.update_model_version(model_name, version.version, description=description(model_name, version.version, recipe, lineage, metrics, gate_result))
     uri = f"models:/{model_name}/{version.version}"
-    log(f"registered {uri} (alias {CANDIDATE_ALIAS})")
-    return {"name": model_name, "version": version.version, "uri": uri, "run_id": run_id, "reused": False}
+    passed = gate_result is None or gate_result["status"] == "passed"
+    if passed:
+        c.set_registered_model_alias(model_name, CANDIDATE_ALIAS, version.version)
+        log(f"registered {uri} (alias {CANDIDATE_ALIAS})")
+    else:
+        log(f"registered {uri} without an alias: quality gate failed ({'; '.join(gate_result['reasons'])})")
+    return _result(model_name, c.get_model_version(model_name, version.version), reused=False)
+
+
+@task(name="register")
+def register(
+    name: str,
+    quantized: dict[str, Any],
+    metrics: dict[str, Any],
+    reference: dict[str, Any],
+    gate_result: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Log the run and register a version (alias `candidate` when its gate passed), or return the
+    existing version of the same quantized entry."""
+    return register_version(name, quantized, metrics, reference, gate_result, evaluation)
+
+
+def register_pending(match: str = "") -> list[dict[str, Any]]:
+    """Replay every pending registration whose file name contains `match`; each that succeeds is
+    removed. Returns the results (a failure raises after the earlier ones are done)."""
+    results = []
+    for path in pending_registrations():
+        if match not in path.name:
+            continue
+        request = json.loads(path.read_text())
+        results.append(register_version(**request))
+    return results

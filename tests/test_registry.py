@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,7 +31,9 @@ def _check_registered(out: dict, name: str) -> None:
     assert tags["quantmill.quantized_key"] == row["quantized_key"]
     assert tags["quantmill.key.resolve_model"] == out["model_key"]
     assert tags["quantmill.prefect_flow_run_id"] == out["flow_run_id"]
-    assert tags["quantmill.file.model.safetensors"]
+    assert tags["quantmill.source.sha256.model.safetensors"]  # of the float source, named so
+    assert tags["quantmill.checkpoint.sha256.model.safetensors"] != tags["quantmill.source.sha256.model.safetensors"]
+    assert tags["quantmill.gate"] == "passed"
     run = c.get_run(version.run_id)
     assert run.data.metrics["ppl"] == pytest.approx(row["ppl"])
     assert "recipe.weights.bits" in run.data.params
@@ -88,40 +84,6 @@ def test_unknown_models_uri_is_a_one_line_error(home):
 
     with pytest.raises(SourceError, match="cannot resolve models:/nope@candidate"):
         source_identity("models:/nope@candidate")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not start")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
 
 
 def test_register_on_a_real_mlflow_server(prefect_api, tiny_model, home, tmp_path, mlflow_server, monkeypatch):
