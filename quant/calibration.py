@@ -107,13 +107,21 @@ def _read_file(spec: DatasetSpec) -> str:
     column = spec.column or "text"
     if path.suffix == ".jsonl":
         rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw.count(b"\n", 0, err.start) + 1
+            raise DatasetError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
-                raise DatasetError(f"{path}:{lineno}: not valid JSON") from None
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise DatasetError(f"{path}:{lineno}: expected a JSON object with field {column!r}, got a JSON {type(record).__name__}")
             if column not in record:
                 raise DatasetError(f"{path}:{lineno}: no field {column!r}")
             rows.append(str(record[column]))

@@ -290,3 +290,19 @@ def test_tokenize_is_one_stream_without_special_tokens() -> None:
     assert ids.dtype == torch.long and ids.shape == (7,)  # byte-level: one id per byte
     assert ids[0] == ids[4] and ids[1] == ids[5]
     assert tokenizer.decode(ids.tolist()) == "abc abc"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b'{"text": "a"}\n{not json\n', "2: not valid JSON (Expecting property name enclosed in double quotes at column 2)"),
+        (b'{"text": "a"}\n\n7\n', "3: expected a JSON object with field 'text', got a JSON int"),
+        (b'{"text": "a"}\n{"text": "caf\xe9"}\n', "2: not UTF-8 text (byte 0xe9)"),
+    ],
+)
+def test_a_bad_jsonl_line_is_named_by_file_and_line(tmp_path, body, message) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(body)
+    with pytest.raises(DatasetError) as err:
+        load_text(parse_spec(str(path)))
+    assert _one_line(err) == f"{path}:{message}"
