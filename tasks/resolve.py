@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,29 @@ def resolve_mlflow_uri(uri: str) -> tuple[str, str]:
     return resolve_model_uri(uri)
 
 
+def hub_commit(repo: str, revision: str | None) -> str:
+    """The commit a hub branch or tag points at now (a commit stays itself). Keys name the commit,
+    not the branch: a branch that moves makes a new key instead of serving the first download
+    forever. With HF_HUB_OFFLINE the local hub cache's refs answer, as huggingface_hub does."""
+    rev = revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", rev):
+        return rev
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo, revision=rev, allow_patterns=["config.json"])
+    except Exception as err:  # network, auth, unknown repo or revision: one line for the user
+        raise SourceError(f"cannot resolve hf:{repo}@{rev}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    return Path(path).name  # snapshots/<commit>
+
+
 def source_identity(source: str, allow_pickle: bool = False) -> dict[str, Any]:
     """What the resolved checkpoint depends on: content hashes for local files, pins otherwise."""
     parsed = parse_source(source)
     if parsed.kind == "demo":
         return {"kind": "demo", "package": DEMO_PACKAGE, "file": DEMO_GGUF}
     if parsed.kind == "hf":
-        return {"kind": "hf", "repo": parsed.target, "revision": parsed.revision or "main"}
+        return {"kind": "hf", "repo": parsed.target, "revision": hub_commit(parsed.target, parsed.revision)}
     if parsed.kind == "mlflow":
         return {"kind": "mlflow", "uri": resolve_mlflow_uri(parsed.target)[0]}
     if parsed.kind == "gguf":
@@ -56,7 +73,7 @@ def resolve_key(source: str, allow_pickle: bool = False) -> str:
     return stage_key(STAGE, source_identity(source, allow_pickle))
 
 
-def _materialize(parsed: ModelSource, dst: Path, allow_pickle: bool) -> dict[str, Any]:
+def _materialize(parsed: ModelSource, dst: Path, allow_pickle: bool, identity: dict[str, Any]) -> dict[str, Any]:
     info: dict[str, Any] = {}
     if parsed.kind == "demo":
         gguf = fetch_demo_gguf(store().root / "downloads")
@@ -65,7 +82,9 @@ def _materialize(parsed: ModelSource, dst: Path, allow_pickle: bool) -> dict[str
     elif parsed.kind == "gguf":
         convert_gguf(Path(parsed.target), dst)
     elif parsed.kind == "hf":
-        info["resolved_revision"] = download_hub(parsed.target, parsed.revision, dst)
+        # the commit the key names, not the branch (which may have moved since)
+        info["resolved_revision"] = download_hub(parsed.target, identity["revision"], dst)
+        info["requested_revision"] = parsed.revision or "main"
     elif parsed.kind == "mlflow":
         version_uri, _ = resolve_mlflow_uri(parsed.target)
         from tasks.registry import download_model
@@ -98,7 +117,7 @@ def resolve_model(source: str, allow_pickle: bool = False) -> dict[str, Any]:
         return entry_result(found, reused=True)
     with s.build(STAGE, key) as tmp:
         ckpt = tmp / "checkpoint"
-        info = _materialize(parse_source(source), ckpt, allow_pickle)
+        info = _materialize(parse_source(source), ckpt, allow_pickle, identity)
         verify_checkpoint(ckpt, label=source)  # every tensor present, shaped and finite; tokenizer loads: or nothing is committed
         files = hash_files(ckpt)
         from transformers import AutoConfig

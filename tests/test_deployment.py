@@ -1,37 +1,161 @@
-"""Scheduled requantization: the quantize flow deploys with a cron schedule to a real Prefect API,
-and infra/prefect.yaml names an entrypoint that exists."""
+"""The deployments, run where the user is: a real Prefect server on 127.0.0.1 and `quantmill serve`
+in a subprocess. Flow runs are created through the REST API with the parameters the UI's form
+sends; `prefect deploy --all` deploys the root prefect.yaml."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.served import REPO, api, artifacts, deployments, env_for, prefect_server, quantmill_serve, task_runs, wait_flow_run
+from tests.tiny import make_tiny_llama
+
+INLINE = "name: my-w4-g32\nmethod: rtn\nweights: {bits: 4, granularity: group, group_size: 32}\n"
 
 
-def test_flow_deploys_with_a_nightly_schedule(prefect_api):
-    from prefect.client.orchestration import get_client
+def form(source: str, **changes) -> dict:
+    """Every field of the quantize form, filled in as a person would (what the Run button sends)."""
+    params = {
+        "model": source,
+        "recipes": ["w8a16-rtn"],
+        "recipe_yaml": None,
+        "calibration": {"dataset": "stdlib:calib", "samples": 8, "seq_len": 64, "seed": 0},
+        "evaluation": {"dataset": "stdlib:eval", "windows": 2, "seq_len": 64},
+        "register_as": None,
+        "gate": None,
+        "allow_pickle": False,
+        "device": "cpu",
+    }
+    for key, value in changes.items():
+        if "." in key:
+            outer, inner = key.split(".")
+            params[outer] = {**params[outer], inner: value}
+        else:
+            params[key] = value
+    return params
 
-    from flows.quantize import quantize_flow
 
-    deployment = quantize_flow.to_deployment(
-        name="nightly-test", cron="0 3 * * *", parameters={"model": "demo", "recipes": ["w8a16-rtn"], "register_as": "smollm2"}
-    )
-    deployment_id = deployment.apply()
-    with get_client(sync_client=True) as client:
-        stored = client.read_deployment(deployment_id)
-    assert stored.parameters["recipes"] == ["w8a16-rtn"]
-    assert stored.schedules and stored.schedules[0].schedule.cron == "0 3 * * *"
-    assert "calibration" in stored.parameter_openapi_schema["properties"]  # pydantic params render as a form
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    model = make_tiny_llama(root / "tiny-llama")
+    (root / "watched").mkdir()
+    watch = root / "watch.yaml"
+    watch.write_text(yaml.safe_dump({"sources": [{"dir": str(root / "watched"), "recipes": ["w8a16-rtn"], "register_as": "watched", "settle_seconds": 0}]}))
+    with prefect_server(root / "prefect-server") as base:
+        env = env_for(base, root / "quantmill", root / "prefect-client")
+        with quantmill_serve(env, root / "serve.log", "--cron", "*/30 * * * *", "--watch", str(watch)) as proc:
+            yield SimpleNamespace(base=base, env=env, model=model, watch=watch, home=root / "quantmill", log=root / "serve.log", proc=proc)
 
 
-def test_infra_prefect_yaml_entrypoints_exist():
-    spec = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
-    for d in spec["deployments"]:
-        path, _, func = d["entrypoint"].partition(":")
-        assert func in (REPO / path).read_text()
-        from quant.recipe import load_recipe
+def create_run(stack, params: dict) -> tuple[int, dict]:
+    quantize = deployments(stack.base)["quantize"]
+    return api(stack.base, "POST", f"/deployments/{quantize['id']}/create_flow_run", {"parameters": params})
 
-        for recipe in d["parameters"].get("recipes", []):
-            load_recipe(recipe)
+
+def test_a_form_run_completes_and_registers_a_version(stack, monkeypatch):
+    status, run = create_run(stack, form(str(stack.model), recipe_yaml=INLINE, register_as="form"))
+    assert status == 201, run
+    done = wait_flow_run(stack.base, run["id"])
+    assert done["state_type"] == "COMPLETED", (done["state"], stack.log.read_text()[-3000:])
+
+    monkeypatch.setenv("QUANTMILL_HOME", str(stack.home))  # the served runs' MLflow store
+    from tasks.registry import client
+
+    for recipe in ("w8a16-rtn", "my-w4-g32"):
+        version = client().get_model_version_by_alias(f"form-{recipe}", "candidate")
+        assert version.tags["quantmill.prefect_flow_run_id"] == run["id"]
+
+    found = artifacts(stack.base, run["id"])
+    table = json.loads(found["quantize-results"]["data"])
+    assert [r["recipe"] for r in table] == ["float (reference)", "w8a16-rtn", "my-w4-g32"]
+    columns = set(table[0])
+    assert {"ppl", "ppl_ratio", "kl", "top1_agreement", "size_mb", "bits_per_weight", "quantize_seconds", "uri"} <= columns
+    assert all(set(r) == columns for r in table)  # every column for every row
+    assert table[1]["uri"] == "models:/form-w8a16-rtn/1" and 0 < table[1]["top1_agreement"] <= 1
+    links = found["quantize-mlflow"]["data"]
+    assert "models:/form-w8a16-rtn/1" in links and version.run_id in links
+    stages = json.loads(found["quantize-stages"]["data"])
+    assert {s["stage"] for s in stages} >= {"resolve_model", "collect_stats", "quantize w8a16-rtn", "register my-w4-g32"}
+    assert {s["cached"] for s in stages} <= {"cached", "computed"}
+    _, all_artifacts = api(stack.base, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}, "type": {"any_": ["progress"]}}})
+    progress = {a["description"]: a["data"] for a in all_artifacts}  # per-block (per-window) progress in the UI
+    assert progress.get("collect_stats: decoder blocks done") == 100.0, progress
+    assert {"quantize w8a16-rtn: blocks done", "evaluate w8a16-rtn: windows done"} <= set(progress), progress
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"recipes": ["w5-magic"]}, "'w5-magic' is not one of"),
+        ({"model": "hf:no-org"}, "'hf:no-org' does not match"),
+        ({"model": "models:latest"}, "'models:latest' does not match"),
+        ({"device": "tpu"}, "'tpu' is not one of"),
+        ({"calibration.samples": 0}, "samples"),
+        ({"calibration.dataset": "wiki:foo"}, "'wiki:foo' does not match"),
+    ],
+)
+def test_a_bad_value_is_refused_when_the_run_is_created(stack, change, needle):
+    status, body = create_run(stack, form(str(stack.model), **change))
+    assert status == 409, body
+    assert needle in body["detail"], body["detail"]
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"calibration.seq_len": 4096}, "calibration seq_len 4096 exceeds the model's max_position_embeddings 1024"),
+        ({"model": "/no/such/checkpoint"}, "model path not found: /no/such/checkpoint"),
+        ({"recipe_yaml": "name: bad\nmethod: rtn\nweights: {bits: 12}\n"}, "recipe recipe_yaml: weights.bits"),
+    ],
+)
+def test_what_the_schema_cannot_say_fails_before_any_task(stack, change, needle):
+    status, run = create_run(stack, form(str(stack.model), **change))
+    assert status == 201, run
+    done = wait_flow_run(stack.base, run["id"])
+    assert done["state_type"] == "FAILED"
+    assert needle in done["state"]["message"], done["state"]["message"]
+    assert task_runs(stack.base, run["id"]) == []
+
+
+def test_serve_sets_the_schedule_and_the_gpu_limit(stack):
+    requantize = deployments(stack.base)["requantize"]
+    assert [s["schedule"]["cron"] for s in requantize["schedules"]] == ["*/30 * * * *"]
+    assert requantize["parameters"] == {"watch": str(stack.watch)}
+    assert not requantize["paused"]
+    status, limit = api(stack.base, "GET", "/v2/concurrency_limits/gpu")
+    assert status == 200 and limit["limit"] == 1
+    quantize = deployments(stack.base)["quantize"]
+    assert quantize["enforce_parameter_schema"] and quantize["entrypoint"] == "flows.quantize.quantize_flow"
+
+
+def test_serve_refuses_a_bad_watch_file_in_one_line(tmp_path):
+    bad = tmp_path / "watch.yaml"
+    bad.write_text("sources: [{dir: /x, recipes: [w5-magic], register_as: m}]\n")
+    done = subprocess.run([sys.executable, "-m", "quantmill.cli", "serve", "--watch", str(bad)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: watch file {bad}: sources.0.recipes: Value error, unknown recipe 'w5-magic' (built-in: `quantmill recipes`)"]
+
+
+def test_prefect_deploy_all_from_the_root_prefect_yaml(tmp_path):
+    with prefect_server(tmp_path / "prefect-server") as base:
+        env = env_for(base, tmp_path / "quantmill", tmp_path / "prefect-client")
+        prefect = lambda *args: subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        pool = prefect("work-pool", "create", "quantmill", "--type", "process")
+        assert pool.returncode == 0, pool.stdout + pool.stderr
+        done = prefect("deploy", "--all")
+        assert done.returncode == 0, done.stdout + done.stderr
+        found = deployments(base)
+        assert set(found) == {"quantize", "requantize"}
+        assert [s["schedule"]["cron"] for s in found["requantize"]["schedules"]] == ["0 * * * *"]
+        assert found["quantize"]["enforce_parameter_schema"] and found["quantize"]["work_pool_name"] == "quantmill"
+        # no Docker-only path: flows run from this checkout
+        assert found["quantize"]["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+        schema = found["quantize"]["parameter_openapi_schema"]["properties"]
+        assert "w4a16-gptq-g64" in schema["recipes"]["items"]["enum"] and schema["device"]["enum"] == ["auto", "cpu", "cuda"]

@@ -36,7 +36,8 @@ def test_hub_source_resolves_the_revision_to_a_commit(hub_cache, home):
     entry = resolve_model.fn("hf:acme/tiny-llama")
     assert entry["manifest"]["resolved_revision"] == COMMIT
     assert (Path(entry["path"]) / "checkpoint" / "model.safetensors").is_file()
-    assert entry["manifest"]["identity"] == {"kind": "hf", "repo": "acme/tiny-llama", "revision": "main"}
+    assert entry["manifest"]["identity"] == {"kind": "hf", "repo": "acme/tiny-llama", "revision": COMMIT}  # the branch's commit, not "main"
+    assert entry["manifest"]["requested_revision"] == "main"
 
 
 def test_unknown_hub_repo_is_a_one_line_error(hub_cache, home):
