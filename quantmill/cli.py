@@ -79,19 +79,16 @@ def quantize(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     warnings.filterwarnings("ignore")
     try:
-        from quant.calibration import parse_spec
-        from quant.recipe import load_recipe
-        from quant.sources import validate_source
+        from flows.params import DEFAULT_RECIPES, check_request, split_recipes
 
-        # Validate everything the user typed before starting a flow run.
-        validate_source(model, allow_pickle)
-        parse_spec(calib)
-        parse_spec(eval_spec)
-        recipes = recipe or ["w8a16-rtn", "w4a16-rtn-g64"]
-        for r in recipes:
-            load_recipe(r)
+        # Validate everything the user typed before starting a flow run: the flow's own checks.
+        recipes = recipe or DEFAULT_RECIPES
+        plan = check_request(
+            model, recipes, None, dict(dataset=calib, samples=calib_samples, seq_len=seq_len, seed=seed),
+            dict(dataset=eval_spec, windows=eval_windows, seq_len=seq_len), device, allow_pickle, register,
+        )
+        recipe_names, recipe_yaml = split_recipes(recipes)
         from flows.quantize import quantize_flow
-        from tasks.calibrate import CalibrationSpec, EvaluationSpec
 
         if not debug:
             _quiet_prefect_console()
@@ -101,9 +98,10 @@ def quantize(
         start = time.perf_counter()
         summary = quantize_flow(
             model=model,
-            recipes=recipes,
-            calibration=CalibrationSpec(dataset=calib, samples=calib_samples, seq_len=seq_len, seed=seed),
-            evaluation=EvaluationSpec(dataset=eval_spec, windows=eval_windows, seq_len=seq_len),
+            recipes=recipe_names,
+            recipe_yaml=recipe_yaml,
+            calibration=plan.calibration,
+            evaluation=plan.evaluation,
             register_as=register,
             allow_pickle=allow_pickle,
             device=device,
@@ -143,6 +141,11 @@ def recipes() -> None:
 from quantmill.store_cli import app as store_app  # noqa: E402  (quantmill store ls / gc)
 
 app.add_typer(store_app, name="store")
+
+
+from quantmill.serve import serve as _serve  # noqa: E402  (issue 16: the UI's deployments)
+
+app.command(name="serve")(_serve)
 
 
 def main() -> None:
