@@ -208,3 +208,16 @@ def test_a_bad_ignore_regex_and_unknown_rtn_option_fail_before_any_work(cli_env,
     done = run_cli(["quantize", "--model", str(tiny_model), "--recipe", str(typo), *SMALL], cli_env)
     assert done.stderr.strip().splitlines()[-1] == f"error: recipe {typo}: unknown rtn option(s) ['blocksize'] (rtn takes none)"
     assert not (Path(cli_env["QUANTMILL_HOME"]) / "resolve_model").exists()
+
+
+def test_two_identical_runs_at_once_both_succeed_with_one_entry_per_stage(cli_env, tiny_model):
+    args = [sys.executable, "-m", "quantmill.cli", "quantize", "--model", str(tiny_model), "--recipe", "w8a16-rtn", *SMALL, "--json"]
+    procs = [subprocess.Popen(args, cwd=REPO, env={**os.environ, **cli_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-1000:] for o in outs]
+    rows = [json.loads(o[0])["rows"][0] for o in outs]
+    assert rows[0]["quantized_key"] == rows[1]["quantized_key"] and rows[0]["ppl"] == rows[1]["ppl"]
+    home = Path(cli_env["QUANTMILL_HOME"])
+    for stage, n in (("resolve_model", 1), ("capture_calibration", 1), ("collect_stats", 1), ("quantize", 1), ("evaluate", 2)):
+        assert len(_entries(home, stage)) == n, stage
+    assert not leftovers(home)
