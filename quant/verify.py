@@ -103,9 +103,15 @@ def expected_parameters(folder: Path) -> dict[str, tuple[tuple[int, ...], str, t
     for name, p in model.named_parameters(remove_duplicate=False):
         ties.setdefault(id(p), []).append(name)
     tied = {name: tuple(group) for group in ties.values() for name in group}
+    # Hub checkpoints of some architectures (gpt2, opt) name tensors without the base model's
+    # prefix (`h.0...` for `transformer.h.0...`); transformers accepts both, and so do we.
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else None
     out = {}
     for name, t in model.state_dict().items():
-        out[name] = (tuple(t.shape), _KIND.get(t.dtype, "other"), tied.get(name, (name,)))
+        names = tied.get(name, (name,))
+        if prefix:
+            names += tuple(n[len(prefix) :] for n in names if n.startswith(prefix))
+        out[name] = (tuple(t.shape), _KIND.get(t.dtype, "other"), names)
     return out
 
 
@@ -119,10 +125,10 @@ def check_tensors(folder: Path, label: str | None = None) -> dict[str, TensorInf
     missing = sorted(n for n, (_, _, group) in expected.items() if not any(g in tensors for g in group))
     if missing:
         raise SourceError(f"{label}: {len(missing)} tensor(s) of the architecture missing from the checkpoint: {_list(missing)} (transformers would fill them with random values)")
-    for name, (shape, kind, _) in expected.items():
-        info = tensors.get(name)
+    for name, (shape, kind, names) in expected.items():
+        info = next((tensors[n] for n in names if n in tensors), None)  # under its own name, a tied one or unprefixed
         if info is None:
-            continue  # tied to a tensor that is present
+            continue
         if info.shape != shape:
             raise SourceError(f"{label}: tensor {name} in {info.file} has shape {list(info.shape)}, the architecture needs {list(shape)}")
         if kind == "float" and info.dtype not in _FLOAT_DTYPES:

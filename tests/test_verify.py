@@ -122,3 +122,44 @@ def test_tied_embeddings_need_only_one_of_the_tied_names(tmp_path) -> None:
     make_tokenizer().save_pretrained(folder)
     assert "lm_head.weight" not in load_file(folder / "model.safetensors")
     verify_checkpoint(folder)
+
+
+def _tiny_config(model_type: str):
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=257, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if model_type == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, n_positions=64, **common)
+    if model_type == "opt":
+        return AutoConfig.for_model("opt", hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=64, **common)
+    return AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64, **common)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "opt", "gpt2"])
+def test_every_supported_architecture_saved_by_transformers_passes(tmp_path, model_type) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from quant.arch import LAYOUTS
+    from tests.tiny import make_tokenizer
+
+    assert model_type in LAYOUTS
+    torch.manual_seed(0)
+    folder = tmp_path / model_type
+    AutoModelForCausalLM.from_config(_tiny_config(model_type)).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    verify_checkpoint(folder)
+
+
+@pytest.mark.parametrize("model_type, prefix", [("gpt2", "transformer."), ("opt", "model.")])
+def test_hub_style_names_without_the_base_model_prefix_pass(tmp_path, model_type, prefix) -> None:
+    """gpt2's and opt's hub checkpoints name tensors `h.0...` / `decoder...`; transformers loads them."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import make_tokenizer
+
+    folder = tmp_path / model_type
+    AutoModelForCausalLM.from_config(_tiny_config(model_type)).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    _rewrite(folder, lambda t: [t.__setitem__(k[len(prefix) :], t.pop(k)) for k in [k for k in t if k.startswith(prefix)]])
+    assert not any(k.startswith(prefix) for k in load_file(folder / "model.safetensors"))
+    verify_checkpoint(folder)
