@@ -48,6 +48,17 @@ def _fail(err: QuantmillError) -> None:
     raise typer.Exit(2)
 
 
+def _what(store, stage: str, key: str) -> str:
+    """What an entry is, in words: its source, recipe or evaluated model."""
+    try:
+        entry = store.get(stage, key)
+    except QuantmillError:
+        return "corrupt manifest.json"
+    m = entry.manifest if entry is not None else {}
+    what = m.get("source") or (m.get("recipe") or {}).get("name") or m.get("what") or (m.get("spec") or {}).get("dataset")
+    return str(what or "")
+
+
 def _rows() -> list[dict]:
     from tasks.store import Store, folder_size, last_modified
 
@@ -55,7 +66,10 @@ def _rows() -> list[dict]:
     rows = []
     for stage in store.stages():
         for path in store.entries(stage):
-            rows.append({"stage": stage, "kind": "entry", "key": path.name, "age_s": now - last_modified(path), "size_bytes": folder_size(path), "path": str(path)})
+            rows.append({
+                "stage": stage, "kind": "entry", "key": path.name, "age_s": now - last_modified(path), "size_bytes": folder_size(path),
+                "path": str(path), "what": _what(store, stage, path.name),
+            })
         for p in store.partials(stage):
             rows.append({
                 "stage": stage, "kind": "partial", "key": p.key, "age_s": now - last_modified(p.path), "size_bytes": folder_size(p.path),
@@ -79,7 +93,7 @@ def ls(as_json: bool = typer.Option(False, "--json", help="print the rows as JSO
     header = ["stage", "kind", "key", "age", "size", "notes"]
     table = [header] + [
         [r["stage"], r["kind"], r["key"][:16], human_age(r["age_s"]), human_size(r["size_bytes"]),
-         f"pid {r['pid']} {r['owner']}, {r['blocks_done']} blocks done" if r["kind"] == "partial" else ""]
+         f"pid {r['pid']} {r['owner']}, {r['blocks_done']} blocks done" if r["kind"] == "partial" else r["what"]]
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -177,7 +177,8 @@ class Store:
     def stages(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.name in STAGE_VERSIONS and p.is_dir())
+        present = {p.name for p in self.root.iterdir() if p.is_dir()}
+        return [stage for stage in STAGE_VERSIONS if stage in present]  # in pipeline order
 
     def entries(self, stage: str) -> list[Path]:
         """Folders of finished entries (a manifest inside), by key."""
