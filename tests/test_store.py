@@ -413,3 +413,27 @@ def test_store_gc_collects_old_dead_partials_with_a_configurable_default_age(sto
 def test_store_gc_bad_age_is_a_one_line_error(store, args, env, message) -> None:
     done = _store_cli(args, store.root, **env)
     assert done.returncode == 2 and done.stderr.strip() == message and "Traceback" not in done.stderr
+
+
+def test_commit_checks_and_renames_under_the_stage_lock(store) -> None:
+    """The deterministic half of the race above: while another writer holds the stage lock (and
+    renames its entry into place), a commit waits, then sees that entry and keeps it."""
+    (store.root / STAGE).mkdir(parents=True)
+    with store_module._stage_lock(store.root / STAGE):
+        committer = subprocess.Popen(
+            [sys.executable, "-c", _RACE, STAGE, KEY, "0", "commit"], cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, "QUANTMILL_HOME": str(store.root)}, stdout=subprocess.PIPE, text=True,
+        )
+        deadline = time.time() + 30
+        while not _tmps(store) and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        assert committer.poll() is None and store.get(STAGE, KEY) is None  # waiting for the lock
+        faster = store.root / STAGE / "faster"
+        faster.mkdir()
+        (faster / "result.txt").write_text("faster")
+        (faster / MANIFEST).write_text(json.dumps({"stage": STAGE, "key": KEY, "writer": "faster"}))
+        os.rename(faster, store.path(STAGE, KEY))
+    out, _ = committer.communicate(timeout=60)
+    assert json.loads(out) == {"writer": "faster", "file": "faster"}
+    assert store.get(STAGE, KEY).manifest["writer"] == "faster" and _tmps(store) == []
