@@ -58,6 +58,10 @@ def _as_dict(value: Any) -> Any:
     return value.model_dump() if isinstance(value, (CalibrationSpec, EvaluationSpec)) else value
 
 
+def _none_is_empty(value: Any) -> Any:
+    return "" if value is None else value
+
+
 class CalibrationForm(BaseModel):
     """Which text calibrates, and how much of it: N samples of L tokens chosen with `seed`."""
 
@@ -88,10 +92,11 @@ class EvaluationForm(BaseModel):
 # The flow's parameter types: what the form shows and what the server checks at creation.
 ModelParam = Annotated[str, Field(pattern=SOURCE_PATTERN, examples=["demo", "hf:HuggingFaceTB/SmolLM2-135M@main", "models:/base-llama@production", "/data/checkpoints/step-1000"], json_schema_extra=ui("Model source", SOURCE_HELP))]
 RecipesParam = Annotated[list[RecipeName], Field(json_schema_extra=ui("Built-in recipes", "One quantization per recipe chosen (list: `quantmill recipes`); the shared stages run once.", uniqueItems=True))]
-RecipeYamlParam = Annotated[str | None, Field(max_length=200_000, examples=["name: my-w4-g32\nmethod: rtn\nweights: {bits: 4, granularity: group, group_size: 32}"], json_schema_extra=ui("Extra recipes (YAML)", "Optional: one recipe mapping, a list of them, or several YAML documents, in the recipe format of recipes/*.yaml."))]
+# Plain strings, "" for none: the form then shows a text box instead of a "str | None" switch.
+RecipeYamlParam = Annotated[str, BeforeValidator(_none_is_empty), Field(max_length=200_000, examples=["name: my-w4-g32\nmethod: rtn\nweights: {bits: 4, granularity: group, group_size: 32}"], json_schema_extra=ui("Extra recipes (YAML)", "Optional: one recipe mapping, a list of them, or several YAML documents, in the recipe format of recipes/*.yaml."))]
 CalibrationParam = Annotated[CalibrationForm, BeforeValidator(_as_dict), Field(json_schema_extra=ui("Calibration", "The text the quantizers see."))]
 EvaluationParam = Annotated[EvaluationForm, BeforeValidator(_as_dict), Field(json_schema_extra=ui("Evaluation", "The text the quantized model is compared with the original on."))]
-RegisterParam = Annotated[str | None, Field(pattern=NAME_PATTERN, max_length=200, examples=["smollm2-135m"], json_schema_extra=ui("Register as", "Register each result in MLflow as model NAME-RECIPE (alias `candidate`); empty: do not register."))]
+RegisterParam = Annotated[str, BeforeValidator(_none_is_empty), Field(pattern=f"^$|{NAME_PATTERN}", max_length=200, examples=["smollm2-135m"], json_schema_extra=ui("Register as", "Register each result in MLflow as model NAME-RECIPE (alias `candidate`); empty: do not register."))]
 DeviceParam = Annotated[Device, Field(json_schema_extra=ui("Device", "Where decoder blocks run: auto (CUDA when present), cpu or cuda."))]
 PickleParam = Annotated[bool, Field(json_schema_extra=ui("Allow pickle weights", "Accept a checkpoint whose only weights are pickle files (can run code: only for sources you trust)."))]
 
@@ -186,7 +191,7 @@ def check_request(
     for what, length in (("calibration", calib.seq_len), ("evaluation", evals.seq_len)):
         if limit is not None and length > limit:
             raise QuantmillError(f"{what} seq_len {length} exceeds the model's max_position_embeddings {limit} ({model})")
-    if register_as is not None and not re.match(NAME_PATTERN, register_as):
+    if register_as and not re.match(NAME_PATTERN, register_as):
         raise QuantmillError(f"register name {register_as!r} must match {NAME_PATTERN}")
     return Plan(source, plans, calib, evals, _check_device(device))
 

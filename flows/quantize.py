@@ -119,10 +119,10 @@ def _artifacts(model: str, fp: dict[str, Any], rows: list[dict[str, Any]], stage
 def quantize_flow(
     model: ModelParam = "demo",
     recipes: RecipesParam = DEFAULT_RECIPES,
-    recipe_yaml: RecipeYamlParam = None,
+    recipe_yaml: RecipeYamlParam = "",
     calibration: CalibrationParam = CalibrationForm(),
     evaluation: EvaluationParam = EvaluationForm(),
-    register_as: RegisterParam = None,
+    register_as: RegisterParam = "",
     gate: GateParam = None,
     allow_pickle: PickleParam = False,
     device: Annotated[DeviceParam, BeforeValidator(lambda v: "auto" if v is None else v)] = "auto",

@@ -60,7 +60,9 @@ def prefect_server(home: Path) -> Iterator[str]:
     port = free_port()
     home.mkdir(parents=True, exist_ok=True)
     log = home / "server.log"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""}
+    # the UI asks its own port (the default is 4200)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": "",
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -24,10 +24,10 @@ def form(source: str, **changes) -> dict:
     params = {
         "model": source,
         "recipes": ["w8a16-rtn"],
-        "recipe_yaml": None,
+        "recipe_yaml": "",
         "calibration": {"dataset": "stdlib:calib", "samples": 8, "seq_len": 64, "seed": 0},
         "evaluation": {"dataset": "stdlib:eval", "windows": 2, "seq_len": 64},
-        "register_as": None,
+        "register_as": "",
         "gate": None,
         "allow_pickle": False,
         "device": "cpu",
