@@ -116,7 +116,7 @@ def promote(uri: str, alias: str, force: bool = False) -> dict[str, Any]:
         reasons = version.tags.get("quantmill.gate.reasons", "")
         raise RegistryError(f"{pinned} failed its quality gate ({reasons}): not promoted to {alias!r} (pass --force to promote it anyway)")
     try:
-        previous = c.get_model_version_by_alias(version.name, alias).version
+        previous = str(c.get_model_version_by_alias(version.name, alias).version)
     except Exception:
         previous = None
     record = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "from_version": previous, "forced": bool(force and version.tags.get(GATE_TAG) == "failed")}

@@ -46,16 +46,35 @@ def _fmt(value: Any, spec: str) -> str:
 
 def results_table(summary: dict[str, Any]) -> str:
     fp = summary["reference"]
-    header = ["recipe", "ppl", "ppl ratio", "KL", "top-1 agree", "size MB", "bits/w", "quant s", "eval s", "MLflow URI"]
-    rows = [["float (reference)", _fmt(fp["ppl"], ".3f"), "1.0000", "-", "-", _fmt(fp["size_mb"], ".1f"), "32", "-", _fmt(fp["seconds"], ".1f"), "-"]]
+    header = ["recipe", "ppl", "ppl ratio", "KL", "top-1 agree", "size MB", "bits/w", "quant s", "eval s", "gate", "MLflow URI"]
+    rows = [["float (reference)", _fmt(fp["ppl"], ".3f"), "1.0000", "-", "-", _fmt(fp["size_mb"], ".1f"), "32", "-", _fmt(fp["seconds"], ".1f"), "-", "-"]]
     for r in summary["rows"]:
         rows.append([
             r["recipe"], _fmt(r["ppl"], ".3f"), _fmt(r["ppl_ratio"], ".4f"), _fmt(r["kl"], ".4f"), _fmt(r["top1_agreement"], ".4f"),
-            _fmt(r["size_mb"], ".1f"), _fmt(r["bits_per_weight"], ".2f"), _fmt(r["quantize_seconds"], ".1f"), _fmt(r["seconds"], ".1f"), r.get("uri") or "-",
+            _fmt(r["size_mb"], ".1f"), _fmt(r["bits_per_weight"], ".2f"), _fmt(r["quantize_seconds"], ".1f"), _fmt(r["seconds"], ".1f"),
+            r.get("gate") or "-", r.get("uri") or "-",
         ])
+    failed = [f"{r['recipe']}: {r['gate_reasons']}" for r in summary["rows"] if r.get("gate") == "failed"]
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
     line = lambda row: "  ".join(str(c).ljust(w) if i == 0 or i == len(row) - 1 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    notes = [f"gate failed for {f} (registered without an alias)" for f in failed]
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows] + ([""] + notes if notes else []))
+
+
+def _gate_option(max_ppl_ratio: float | None, max_kl: float | None, min_top1: float | None):
+    """The --gate-* options as a QualityGate (None when none is given); bad limits name the option."""
+    from pydantic import ValidationError
+
+    from quant.recipe import QualityGate
+
+    if max_ppl_ratio is None and max_kl is None and min_top1 is None:
+        return None
+    try:
+        return QualityGate(max_ppl_ratio=max_ppl_ratio, max_kl=max_kl, min_top1_agreement=min_top1)
+    except ValidationError as err:
+        first = err.errors()[0]
+        option = {"max_ppl_ratio": "--gate-max-ppl-ratio", "max_kl": "--gate-max-kl", "min_top1_agreement": "--gate-min-top1"}[str(first["loc"][0])]
+        raise QuantmillError(f"{option}: {first['msg']}") from None
 
 
 @app.command()
@@ -71,6 +90,9 @@ def quantize(
     register: Optional[str] = typer.Option(None, "--register", help="register results in MLflow under NAME-RECIPE"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle (.bin) weights you trust"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when present)"),
+    gate_max_ppl_ratio: Optional[float] = typer.Option(None, "--gate-max-ppl-ratio", help="quality gate: highest ppl ratio (overrides the recipe's)"),
+    gate_max_kl: Optional[float] = typer.Option(None, "--gate-max-kl", help="quality gate: highest KL to the float model"),
+    gate_min_top1: Optional[float] = typer.Option(None, "--gate-min-top1", help="quality gate: lowest top-1 agreement"),
     as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
     plot: Optional[str] = typer.Option(None, "--plot", help="write a size-vs-perplexity PNG here"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
@@ -88,6 +110,7 @@ def quantize(
             dict(dataset=eval_spec, windows=eval_windows, seq_len=seq_len), device, allow_pickle, register,
         )
         recipe_names, recipe_yaml = split_recipes(recipes)
+        gate = _gate_option(gate_max_ppl_ratio, gate_max_kl, gate_min_top1)
         from flows.quantize import quantize_flow
 
         if not debug:
@@ -103,6 +126,7 @@ def quantize(
             calibration=plan.calibration,
             evaluation=plan.evaluation,
             register_as=register,
+            gate=gate,
             allow_pickle=allow_pickle,
             device=device,
         )
@@ -141,6 +165,10 @@ def recipes() -> None:
 from quantmill.store_cli import app as store_app  # noqa: E402  (quantmill store ls / gc)
 
 app.add_typer(store_app, name="store")
+
+from quantmill.registry_cli import add_commands as _add_registry_commands  # noqa: E402  (models, show, pull, promote, register)
+
+_add_registry_commands(app)
 
 
 from quantmill.serve import serve as _serve  # noqa: E402  (issue 16: the UI's deployments)

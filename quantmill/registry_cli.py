@@ -21,6 +21,7 @@ from quant.errors import QuantmillError
 @contextlib.contextmanager
 def _one_line_errors(debug: bool) -> Iterator[None]:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is ours (--json)
     warnings.filterwarnings("ignore")
     from quantmill.cli import _fail
 
