@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 DEMO_RECIPES ?= w8a16-rtn w4a16-rtn w4a16-rtn-g64 w4a16-rtn-g64-asym
 
-.PHONY: setup demo test test-fast bench-peers clean-venv
+.PHONY: setup demo test test-fast bench-peers clean-venv chromium
 
 setup: $(STAMP)
 
@@ -24,7 +24,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/quantmill quantize --model demo $(addprefix --recipe ,$(DEMO_RECIPES)) --register smollm2-135m --plot docs/demo_size_vs_ppl.png
 
-test: setup
+# The browser test drives Debian's chromium (tests/test_ui_browser.py); Playwright never downloads one.
+chromium:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: setup chromium
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -38,6 +38,7 @@ from tasks.registry import RegistryError, register
 from tasks.resolve import resolve_model
 from tasks.stats import collect_stats
 
+LONG_COLUMNS = ("quantized_key", "checkpoint")  # the results table shows these last
 GPU_LIMIT = "gpu"  # the global concurrency limit that keeps quantize runs on one host apart
 
 GateParam = Annotated[QualityGate | None, Field(json_schema_extra=ui("Quality gate", "Optional: refuse to register a result worse than this (in addition to a recipe's own gate)."))]
@@ -72,7 +73,9 @@ def results_table(fp: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[s
     columns: list[str] = []
     for row in table:
         columns += [k for k in row if k not in columns]
-    cell = lambda v: "-" if v is None else round(v, 4) if isinstance(v, float) else v if isinstance(v, (int, str, bool)) else str(v)
+    columns = [c for c in columns if c not in LONG_COLUMNS] + [c for c in columns if c in LONG_COLUMNS]  # readable first
+    # an em dash, not "-": the UI renders cells as markdown, where "-" is a list bullet
+    cell = lambda v: "\u2014" if v is None else round(v, 4) if isinstance(v, float) else v if isinstance(v, (int, str, bool)) else str(v)
     return [{c: cell(row.get(c)) for c in columns} for row in table]
 
 
