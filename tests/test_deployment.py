@@ -13,10 +13,16 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from tests.served import REPO, api, artifacts, deployments, env_for, prefect_server, quantmill_serve, task_runs, wait_flow_run
+from tests.served import REPO, api, artifacts, deployments, env_for, events, prefect_server, quantmill_serve, task_runs, wait_flow_run
 from tests.tiny import make_tiny_llama
 
 INLINE = "name: my-w4-g32\nmethod: rtn\nweights: {bits: 4, granularity: group, group_size: 32}\n"
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def form(source: str, **changes) -> dict:
@@ -85,6 +91,8 @@ def test_a_form_run_completes_and_registers_a_version(stack, monkeypatch):
     assert {s["stage"] for s in stages} >= {"resolve_model", "collect_stats", "quantize w8a16-rtn", "register my-w4-g32"}
     assert {s["cached"] for s in stages} <= {"cached", "computed"}
     _, all_artifacts = api(stack.base, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}, "type": {"any_": ["progress"]}}})
+    held = [e for e in events(stack.base, "prefect.concurrency-limit.acquired") if e["resource"]["prefect.resource.name"] == "gpu"]
+    assert any(r["prefect.resource.id"] == f"prefect.flow-run.{run['id']}" for e in held for r in e["related"]), held  # the run held the gpu slot
     progress = {a["description"]: a["data"] for a in all_artifacts}  # per-block (per-window) progress in the UI
     assert progress.get("collect_stats: decoder blocks done") == 100.0, progress
     assert {"quantize w8a16-rtn: blocks done", "evaluate w8a16-rtn: windows done"} <= set(progress), progress
@@ -113,6 +121,7 @@ def test_a_bad_value_is_refused_when_the_run_is_created(stack, change, needle):
         ({"calibration.seq_len": 4096}, "calibration seq_len 4096 exceeds the model's max_position_embeddings 1024"),
         ({"model": "/no/such/checkpoint"}, "model path not found: /no/such/checkpoint"),
         ({"recipe_yaml": "name: bad\nmethod: rtn\nweights: {bits: 12}\n"}, "recipe recipe_yaml: weights.bits"),
+        pytest.param({"device": "cuda"}, "device 'cuda' asked for, but this machine has no CUDA device", marks=pytest.mark.skipif(_has_cuda(), reason="this machine has CUDA")),
     ],
 )
 def test_what_the_schema_cannot_say_fails_before_any_task(stack, change, needle):

@@ -71,3 +71,77 @@ def test_results_carry_lineage_and_metrics(prefect_api, tiny_model: Path, home: 
     assert set(lineage["source_file_hashes"]) >= {"config.json", "model.safetensors"}
     assert 0.0 <= row["kl"] and 0.0 < row["top1_agreement"] <= 1.0
     assert row["bits_per_weight"] > 4
+
+
+# The one pre-task check (flows/params.py) the flow and the CLI share, and the results table.
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": "hf:no-org"}, "model source 'hf:no-org' is not one of"),
+        ({"recipes": ["w5-magic"]}, "unknown recipe 'w5-magic'"),
+        ({"recipe_yaml": "name: x\nmethod: rtn\nweights: {bits: 4, granularity: group}\n"}, "recipe recipe_yaml: weights: Value error, granularity 'group' needs group_size"),
+        ({"recipe_yaml": "[unclosed"}, "recipe_yaml: not valid YAML"),
+        ({"recipes": ["w8a16-rtn"], "recipe_yaml": "name: w8a16-rtn\nmethod: rtn\nweights: {bits: 8}\n"}, "recipe names must be unique"),
+        ({"calibration": {"samples": 0}}, "calibration.samples: Input should be greater than 0"),
+        ({"evaluation": {"dataset": "wiki:x"}}, "unknown dataset spec 'wiki:x'"),
+        ({"evaluation": {"seq_len": 2048}}, "evaluation seq_len 2048 exceeds the model's max_position_embeddings 1024"),
+        ({"device": "tpu"}, "unknown device 'tpu'"),
+        ({"register_as": "no spaces"}, "register name 'no spaces' must match"),
+    ],
+)
+def test_check_request_names_the_bad_value(tiny_model: Path, change, message):
+    from flows.params import check_request
+    from quant.errors import QuantmillError
+
+    request = {"model": str(tiny_model), "recipes": ["w8a16-rtn"], **change}
+    with pytest.raises(QuantmillError) as err:
+        check_request(**request)
+    assert message in str(err.value), str(err.value)
+
+
+def test_check_request_reads_names_files_and_inline_yaml(tiny_model: Path, tmp_path: Path):
+    from flows.params import check_request, split_recipes
+    from quant.recipe import load_recipe
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("name: mine\nmethod: rtn\nweights: {bits: 4, granularity: group, group_size: 32}\n")
+    inline = "- {name: a, method: rtn, weights: {bits: 8}}\n- {name: b, method: rtn, weights: {bits: 4}}\n"
+    plan = check_request(str(tiny_model), ["w8a16-rtn", str(mine)], inline, {"samples": 8, "seq_len": 64}, None, "cpu")
+    assert [r.name for r in plan.recipes] == ["w8a16-rtn", "mine", "a", "b"]
+    assert (plan.calibration.samples, plan.evaluation.windows, plan.device) == (8, 32, "cpu")
+    names, text = split_recipes(["w8a16-rtn", str(mine)])  # what the CLI hands the flow: the same recipe, the same hash
+    assert names == ["w8a16-rtn"]
+    assert check_request(str(tiny_model), [], text).recipes[0].hash == load_recipe(str(mine)).hash
+
+
+def test_a_bad_value_fails_the_flow_before_any_task(prefect_api, tiny_model: Path, home: Path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    state = quantize_flow(model=str(tiny_model), recipes=["w8a16-rtn"], device="cuda" if not _cuda() else "tpu", return_state=True, **SMALL)
+    assert state.is_failed() and "device" in state.message
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert runs == []
+    assert not home.exists() or not any((home / "resolve_model").glob("*"))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_results_table_has_every_column_for_every_row():
+    from flows.quantize import results_table
+
+    rows = [
+        {"recipe": "a", "ppl": 10.123456, "uri": "models:/m-a/1", "quantized_key": "k" * 64},
+        {"recipe": "b", "ppl": 11.0, "gate": "failed", "gate_reasons": "ppl ratio 1.2 > 1.05", "uri": None},
+    ]
+    table = results_table({"ppl": 9.0, "size_mb": 1.5, "seconds": 0.1}, rows)
+    assert [r["recipe"] for r in table] == ["float (reference)", "a", "b"]
+    assert list(table[1]) == ["recipe", "ppl", "ppl_ratio", "size_mb", "seconds", "uri", "gate", "gate_reasons", "quantized_key"]
+    assert all(list(r) == list(table[0]) for r in table)
+    assert table[1]["ppl"] == 10.1235 and table[2]["gate"] == "failed" and table[1]["gate"] == "\u2014"
