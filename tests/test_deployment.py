@@ -57,7 +57,7 @@ def stack(tmp_path_factory):
     with prefect_server(root / "prefect-server") as base:
         env = env_for(base, root / "quantmill", root / "prefect-client")
         with quantmill_serve(env, root / "serve.log", "--cron", "*/30 * * * *", "--watch", str(watch)) as proc:
-            yield SimpleNamespace(base=base, env=env, model=model, watch=watch, home=root / "quantmill", log=root / "serve.log", proc=proc)
+            yield SimpleNamespace(base=base, env=env, model=model, watch=watch, watched=root / "watched", home=root / "quantmill", log=root / "serve.log", proc=proc)
 
 
 def create_run(stack, params: dict) -> tuple[int, dict]:
@@ -115,22 +115,49 @@ def test_a_bad_value_is_refused_when_the_run_is_created(stack, change, needle):
     assert needle in body["detail"], body["detail"]
 
 
-@pytest.mark.parametrize(
-    "change, needle",
-    [
-        ({"calibration.seq_len": 4096}, "calibration seq_len 4096 exceeds the model's max_position_embeddings 1024"),
-        ({"model": "/no/such/checkpoint"}, "model path not found: /no/such/checkpoint"),
-        ({"recipe_yaml": "name: bad\nmethod: rtn\nweights: {bits: 12}\n"}, "recipe recipe_yaml: weights.bits"),
-        pytest.param({"device": "cuda"}, "device 'cuda' asked for, but this machine has no CUDA device", marks=pytest.mark.skipif(_has_cuda(), reason="this machine has CUDA")),
-    ],
-)
-def test_what_the_schema_cannot_say_fails_before_any_task(stack, change, needle):
-    status, run = create_run(stack, form(str(stack.model), **change))
-    assert status == 201, run
-    done = wait_flow_run(stack.base, run["id"])
-    assert done["state_type"] == "FAILED"
-    assert needle in done["state"]["message"], done["state"]["message"]
-    assert task_runs(stack.base, run["id"]) == []
+PRE_TASK = [
+    ({"calibration.seq_len": 4096}, "calibration seq_len 4096 exceeds the model's max_position_embeddings 1024"),
+    ({"model": "/no/such/checkpoint"}, "model path not found: /no/such/checkpoint"),
+    ({"recipe_yaml": "name: bad\nmethod: rtn\nweights: {bits: 12}\n"}, "recipe recipe_yaml: weights.bits"),
+]
+
+
+def test_what_the_schema_cannot_say_fails_before_any_task(stack):
+    cases = PRE_TASK + ([] if _has_cuda() else [({"device": "cuda"}, "device 'cuda' asked for, but this machine has no CUDA device")])
+    created = []
+    for change, needle in cases:  # all at once: the runner starts them side by side
+        status, run = create_run(stack, form(str(stack.model), **change))
+        assert status == 201, run
+        created.append((run["id"], needle))
+    for run_id, needle in created:
+        done = wait_flow_run(stack.base, run_id)
+        assert done["state_type"] == "FAILED"
+        assert needle in done["state"]["message"], done["state"]["message"]
+        assert task_runs(stack.base, run_id) == []
+
+
+def test_a_scheduled_scan_starts_a_served_quantize_run_for_a_new_checkpoint(stack, monkeypatch):
+    """The loop end to end through `quantmill serve`: requantize (as its schedule would start it)
+    finds a new checkpoint in the watched folder, the quantize run it starts completes and
+    registers, and the next scan starts nothing."""
+    step = make_tiny_llama(stack.watched / "step-1", seed=3)
+    requantize = deployments(stack.base)["requantize"]
+    status, scan = api(stack.base, "POST", f"/deployments/{requantize['id']}/create_flow_run", {})
+    assert status == 201, scan
+    assert wait_flow_run(stack.base, scan["id"])["state_type"] == "COMPLETED"
+    _, started = api(stack.base, "POST", "/flow_runs/filter", {"flow_runs": {"tags": {"all_": ["requantize"]}}})
+    assert [(r["parameters"]["model"], r["parameters"]["recipes"]) for r in started] == [(str(step), ["w8a16-rtn"])]
+    done = wait_flow_run(stack.base, started[0]["id"])
+    assert done["state_type"] == "COMPLETED", done["state"]
+    monkeypatch.setenv("QUANTMILL_HOME", str(stack.home))
+    from tasks.registry import client
+
+    version = client().get_model_version_by_alias("watched-w8a16-rtn", "candidate")
+    assert version.tags["quantmill.prefect_flow_run_id"] == started[0]["id"]
+    status, again = api(stack.base, "POST", f"/deployments/{requantize['id']}/create_flow_run", {})
+    assert wait_flow_run(stack.base, again["id"])["state_type"] == "COMPLETED"
+    _, started = api(stack.base, "POST", "/flow_runs/filter", {"flow_runs": {"tags": {"all_": ["requantize"]}}})
+    assert len(started) == 1  # registered: nothing new
 
 
 def test_serve_sets_the_schedule_and_the_gpu_limit(stack):
