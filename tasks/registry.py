@@ -291,18 +291,8 @@ def _register(name, quantized, metrics, reference, gate_result, evaluation) -> d
     return _result(model_name, c.get_model_version(model_name, version.version), reused=False)
 
 
-@task(name="register")
-def register(
-    name: str,
-    quantized: dict[str, Any],
-    metrics: dict[str, Any],
-    reference: dict[str, Any],
-    gate_result: dict[str, Any] | None = None,
-    evaluation: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Log the run and register a version (alias `candidate` when its gate passed), or return the
-    existing version of the same quantized entry."""
-    return register_version(name, quantized, metrics, reference, gate_result, evaluation)
+# The Prefect task: register_version, shown as `register` in the flow run.
+register = task(register_version, name="register")
 
 
 def register_pending(match: str = "") -> list[dict[str, Any]]:
