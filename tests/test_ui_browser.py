@@ -72,6 +72,22 @@ def test_a_person_runs_quantize_from_the_form(tmp_path):
                     _field(page, title).wait_for()
                 assert "hf:ORG/NAME@REVISION" in page.get_by_text("Which model to quantize").inner_text()  # the source forms are spelled out
 
+                # A malformed source is refused on Submit, with the reason on the page; no run is made.
+                _field(page, "Model source").locator("textarea").fill("hf:no-org")
+                page.set_viewport_size({"width": 1400, "height": 900})
+                page.get_by_role("button", name="Submit").click()
+                refusal = page.get_by_text("Error creating flow run").first
+                refusal.wait_for()
+                assert "Validation failed for field 'model'" in refusal.inner_text() and "'hf:no-org' does not match" in refusal.inner_text()
+                assert api(base, "POST", "/flow_runs/filter", {})[1] == []
+                time.sleep(1)  # the message slides in
+                _shot(page, "ui-quantize-refused.png", shots)
+                page.set_viewport_size({"width": 1400, "height": 2500})
+                try:  # let the message go before the picture of the form
+                    page.get_by_text("Error creating flow run").last.wait_for(state="hidden", timeout=20_000)
+                except Exception:
+                    pass
+
                 _field(page, "Model source").locator("textarea").fill(str(model))
                 offered = _toggle_options(page, "Built-in recipes", ["w4a16-rtn-g64", "w4a16-rtn"])  # default w8a16-rtn + w4a16-rtn-g64
                 assert {"w8a16-rtn", "w4a16-gptq-g64", "w8a8-dynamic", "fp8-dynamic"} <= set(offered), offered
