@@ -23,11 +23,14 @@ import torch
 
 from quant.modules import quantize_fp8
 from quant.qparams import (
+    ClipSearch,
     QuantizedWeight,
     compute_qparams,
     dequantize,
     quantize,
     quantize_weight_rtn,
+    search_clip_qparams,
+    weight_full_range,
     weight_qparams,
 )
 from quant.schemes import quantize_weight_fp8
@@ -86,6 +89,9 @@ class GPTQOptions:
     needs no g_idx); otherwise each group's scale comes from the error-updated weights when
     the solver reaches it. max_damp_tries: how many dampenings to try (each 10x the last)
     before falling back to RTN. weight_type "fp8": the e4m3 grid, symmetric, per channel.
+    clip: search each channel's / group's clipping ratio (`quant.qparams.ClipSearch`), the error
+    of input j weighted by 1 / [H^-1]_jj (the GPTQ loss of a lone column; diag(H) when the
+    solver falls back to RTN); None: plain min-max ranges.
     """
 
     bits: int = 4
@@ -97,6 +103,7 @@ class GPTQOptions:
     percdamp: float = 0.01
     max_damp_tries: int = 5
     weight_type: str = "int"  # "int" | "fp8" (e4m3)
+    clip: ClipSearch | None = None
 
     def __post_init__(self) -> None:
         if self.weight_type not in ("int", "fp8"):
@@ -113,6 +120,8 @@ class GPTQOptions:
             raise ValueError(f"GPTQ percdamp must be a finite number >= 0, got {self.percdamp}")
         if self.max_damp_tries < 1:
             raise ValueError(f"GPTQ max_damp_tries must be at least 1, got {self.max_damp_tries}")
+        if self.clip is not None and self.weight_type == "fp8":
+            raise ValueError("GPTQ clip search is for integer weights")
 
 
 @dataclass
@@ -190,16 +199,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
     # in the original column order, so the saved layout stays plain).
     dynamic_groups = gs is not None and not options.static_groups
     fp8 = options.weight_type == "fp8"
+    clip = options.clip
     if fp8:
         rtn_fp8 = quantize_weight_fp8(W, "channel")  # its scales (absmax / 448), and the fallback
-        scale, zero = rtn_fp8.scale, rtn_fp8.zero_point
-    elif gs is None:
-        scale, zero = weight_qparams(W, bits, symmetric, "channel")
-    elif options.static_groups:
-        scale, zero = weight_qparams(W, bits, symmetric, "group", gs)
-    else:
-        scale = torch.ones(rows, columns // gs, dtype=torch.float32, device=W.device)
-        zero = torch.zeros(rows, columns // gs, dtype=torch.int32, device=W.device)
 
     W_orig = W  # dead-zeroed, unpermuted: what RTN sees if we fall back
 
@@ -218,8 +220,29 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
         if fp8:
             weight = rtn_fp8  # W_orig is W before act-order: the same RTN
         else:
-            weight = quantize_weight_rtn(W_orig, bits, symmetric, granularity, gs)
+            importance = torch.diag(H)[invperm] if invperm is not None else torch.diag(H)
+            weight = quantize_weight_rtn(W_orig, bits, symmetric, granularity, gs, clip, importance if clip else None)
         return GPTQResult(weight, loss=math.nan, damp=math.nan, fallback_rtn=True, dead_columns=dead_columns)
+
+    # The clip search weighs input j's error by 1 / [H^-1]_jj, Hinv's diagonal being d_j^2 in solve
+    # order (the loss a lone rounding error of column j costs once the later columns absorb it).
+    importance = importance_orig = None
+    if clip is not None:
+        importance = 1.0 / torch.diag(Hinv).square()
+        importance_orig = importance[invperm] if invperm is not None else importance
+
+    # Scales known before the solve: per channel, or static groups (from the original weights,
+    # in the original column order, so the saved layout stays plain).
+    if fp8:
+        scale, zero = rtn_fp8.scale, rtn_fp8.zero_point
+    elif gs is None:
+        scale, zero = weight_qparams(W_orig, bits, symmetric, "channel", None, clip, importance_orig)
+    elif options.static_groups:
+        scale, zero = weight_qparams(W_orig, bits, symmetric, "group", gs, clip, importance_orig)
+    else:
+        scale = torch.ones(rows, columns // gs, dtype=torch.float32, device=W.device)
+        zero = torch.zeros(rows, columns // gs, dtype=torch.int32, device=W.device)
+    full = weight_full_range(bits)
 
     # With dynamic groups a group's scale is computed from its columns' current values; making
     # blocks whole groups keeps a group inside W1, where those values are up to date.
@@ -259,7 +282,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
                 g = col // gs
                 if col % gs == 0:
                     group = W1[:, i : i + gs]
-                    scale[:, g], zero[:, g] = compute_qparams(group.amin(dim=1), group.amax(dim=1), bits, symmetric)
+                    if clip is not None:
+                        s_g, z_g = search_clip_qparams(group.unsqueeze(1), bits, symmetric, clip, importance[col : col + gs].unsqueeze(0), full)
+                        scale[:, g], zero[:, g] = s_g[:, 0], z_g[:, 0]
+                    else:
+                        scale[:, g], zero[:, g] = compute_qparams(group.amin(dim=1), group.amax(dim=1), bits, symmetric, full)
                 s, z = scale[:, g], zero[:, g]
             else:
                 g = static_group_of[col]

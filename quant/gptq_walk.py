@@ -22,11 +22,14 @@ import torch.nn as nn
 from quant.arch import layout_of
 from quant.gptq import GPTQOptions, HessianAccumulator, gptq_quantize
 from quant.methods import MethodContext, MethodResult, layer_granularity, target_linears
-from quant.qparams import QuantizedWeight
+from quant.qparams import ClipSearch, QuantizedWeight
 from quant.schemes import static_input_qparams
 from quant.sequential import BlockInputs, run_sequential
 
-OPTION_KEYS = {"blocksize", "percdamp", "actorder", "static_groups", "true_sequential", "max_damp_tries"}
+OPTION_KEYS = {
+    "blocksize", "percdamp", "actorder", "static_groups", "true_sequential", "max_damp_tries",
+    "clip_search", "clip_grid", "clip_min_ratio",
+}
 
 
 def _input_groups(block: nn.Module, names: list[str], forward) -> list[list[str]]:
@@ -193,9 +196,17 @@ def gptq_options(recipe, plan: dict[str, Any]) -> Callable[[str], GPTQOptions]:
             percdamp=float(recipe.options.get("percdamp", 0.01)),
             max_damp_tries=int(recipe.options.get("max_damp_tries", 5)),
             weight_type="fp8" if recipe.weights.type == "float" else "int",
+            clip=clip_search_option(recipe.options),
         )
 
     return options_for
+
+
+def clip_search_option(options: dict[str, Any]) -> ClipSearch | None:
+    """The recipe's clipping-ratio search (`clip_search: true`, `clip_grid`, `clip_min_ratio`), or None."""
+    if not options.get("clip_search", False):
+        return None
+    return ClipSearch(grid=int(options.get("clip_grid", 20)), min_ratio=float(options.get("clip_min_ratio", 0.8)))
 
 
 def gptq_quantizer(options_for: Callable[[str], GPTQOptions]) -> WeightQuantizer:

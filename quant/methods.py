@@ -17,7 +17,7 @@ import torch.nn as nn
 from quant.arch import decoder_layers, layout_of
 from quant.errors import RecipeError
 from quant.observers import ActivationStats
-from quant.qparams import QuantizedWeight, quantize_weight_rtn
+from quant.qparams import ClipSearch, QuantizedWeight, quantize_weight_rtn
 from quant.recipe import Recipe
 from quant.schemes import quantize_weight_fp8, static_input_qparams
 
@@ -101,6 +101,17 @@ def weight_error_report(name: str, w: torch.Tensor, qw: QuantizedWeight, stats: 
     return row
 
 
+RTN_OPTIONS = {"clip_search", "clip_grid", "clip_min_ratio"}
+
+
+def rtn_clip_search(recipe: Recipe) -> ClipSearch | None:
+    """rtn's optional clipping-ratio search (`clip_search: true`, `clip_grid`, `clip_min_ratio`)."""
+    o = recipe.options
+    if not o.get("clip_search", False):
+        return None
+    return ClipSearch(grid=int(o.get("clip_grid", 20)), min_ratio=float(o.get("clip_min_ratio", 0.8)))
+
+
 def rtn(ctx: MethodContext) -> MethodResult:
     """Round-to-nearest: each weight to the nearest point of its grid (int, or fp8 e4m3 for
     `weights.type: float`); with static `activations`, input scales from the stats' observer range."""
@@ -108,13 +119,18 @@ def rtn(ctx: MethodContext) -> MethodResult:
     plan = layer_granularity(ctx.recipe, linears)
     w = ctx.recipe.weights
     input_qparams, act_rows = static_input_qparams(ctx.recipe, ctx.stats, list(linears))
+    clip = rtn_clip_search(ctx.recipe)
     weights, report = {}, []
     for name, linear in linears.items():
         granularity, group_size = plan[name]
         if w.type == "float":
             qw = quantize_weight_fp8(linear.weight.data, granularity)
         else:
-            qw = quantize_weight_rtn(linear.weight.data, w.bits, w.symmetric, granularity, group_size)
+            # The clip search weighs input j's error by its mean square over the calibration
+            # inputs (the Hessian's diagonal, up to a constant), unweighted without stats.
+            stats = ctx.stats.get(name) if clip is not None else None
+            importance = stats.mean_sq.to(linear.weight.device) if stats is not None else None
+            qw = quantize_weight_rtn(linear.weight.data, w.bits, w.symmetric, granularity, group_size, clip, importance)
         weights[name] = qw
         report.append(weight_error_report(name, linear.weight.data, qw, ctx.stats.get(name), granularity=granularity, **act_rows.get(name, {})))
     return MethodResult(weights, report, input_qparams=input_qparams)
@@ -140,12 +156,15 @@ def _outlier_method(name: str) -> Callable[[MethodContext], MethodResult]:
 
 # Bump a method's version when its numbers for the same recipe change (a new search, a fixed bug):
 # its quantize entries stop matching and are recomputed; other methods' entries stay valid.
+# Version 2 of rtn, gptq, awq and smoothquant (issue 21): symmetric weights below 8 bits use all
+# 2^bits levels (scale absmax / ((qmax - qmin) / 2)), which changes every such weight they write.
+# llm_int8 writes 8-bit weights only, which keep absmax / 127: its entries stay valid.
 METHOD_VERSIONS: dict[str, int] = {
-    "rtn": 1,
-    "gptq": 1,
+    "rtn": 2,
+    "gptq": 2,
     "llm_int8": 1,
-    "awq": 1,
-    "smoothquant": 1,
+    "awq": 2,
+    "smoothquant": 2,
 }
 
 METHODS: dict[str, Callable[[MethodContext], MethodResult]] = {
@@ -187,11 +206,32 @@ def check_gptq_option_values(options: dict[str, Any]) -> None:
     for name in ("actorder", "static_groups", "true_sequential"):
         if name in options and not isinstance(options[name], bool):
             raise RecipeError(f"gptq option {name} must be true or false, got {options[name]!r}")
+    check_clip_option_values(options, "gptq")
+
+
+def check_clip_option_values(options: dict[str, Any], method: str) -> None:
+    """The clipping-ratio search: clip_search a bool; clip_grid an integer >= 1; clip_min_ratio a
+    number in (0, 1); the last two only with clip_search: true."""
+    if "clip_search" in options and not isinstance(options["clip_search"], bool):
+        raise RecipeError(f"{method} option clip_search must be true or false, got {options['clip_search']!r}")
+    if "clip_grid" in options and (not _is_int(options["clip_grid"]) or not 1 <= options["clip_grid"] <= 1000):
+        raise RecipeError(f"{method} option clip_grid must be an integer in 1..1000, got {options['clip_grid']!r}")
+    if "clip_min_ratio" in options:
+        value = options["clip_min_ratio"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise RecipeError(f"{method} option clip_min_ratio must be a number in (0, 1), got {value!r}")
+    tuning = {"clip_grid", "clip_min_ratio"} & set(options)
+    if tuning and not options.get("clip_search", False):
+        raise RecipeError(f"{method} option(s) {sorted(tuning)} need clip_search: true")
 
 
 def _check_rtn(recipe: Recipe) -> None:
-    if recipe.options:
-        raise RecipeError(f"unknown rtn option(s) {sorted(recipe.options)} (rtn takes none)")
+    unknown = set(recipe.options) - RTN_OPTIONS
+    if unknown:
+        raise RecipeError(f"unknown rtn option(s) {sorted(unknown)} (known: {sorted(RTN_OPTIONS)})")
+    check_clip_option_values(recipe.options, "rtn")
+    if recipe.options.get("clip_search") and recipe.weights.type != "int":
+        raise RecipeError("rtn option clip_search is for integer weights (weights: type int)")
 
 
 def _check_gptq(recipe: Recipe) -> None:
@@ -201,6 +241,8 @@ def _check_gptq(recipe: Recipe) -> None:
     if unknown:
         raise RecipeError(f"unknown gptq option(s) {sorted(unknown)} (known: {sorted(OPTION_KEYS)})")
     check_gptq_option_values(recipe.options)
+    if recipe.options.get("clip_search") and recipe.weights.type != "int":
+        raise RecipeError("gptq option clip_search is for integer weights (weights: type int)")
 
 
 def _check_outlier_method(recipe: Recipe) -> None:

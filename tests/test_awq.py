@@ -91,18 +91,25 @@ def test_awq_then_rtn_beats_plain_rtn_on_a_layer_with_salient_channels() -> None
 
 
 def test_search_ratio_zero_is_plain_rtn_and_the_best_is_no_worse() -> None:
-    torch.manual_seed(0)
-    lin = nn.Linear(64, 96, bias=False)
-    X = torch.randn(256, 64)
-    X[:, SALIENT] *= 30.0
-    s, errors = awq_search_scales([lin], X, X.abs().mean(dim=0), BITS, GROUP, symmetric=True, grid=20)
-    W_rtn = quantize_weight_rtn(lin.weight.detach(), BITS, True, "group", GROUP).dequantize()
-    err_rtn = (X @ W_rtn.t() - X @ lin.weight.detach().t()).pow(2).mean().item()
-    assert len(errors) == 20
-    assert errors[0] == pytest.approx(err_rtn, rel=1e-5)
-    assert min(errors) < errors[0]
-    assert s[SALIENT].min() > s.median()  # salient input channels are scaled up
-    assert (s.max() * s.min()).sqrt().item() == pytest.approx(1.0, rel=1e-5)
+    # Three seeded layers: on the full 16-level grid (issue 21) plain RTN is already the best
+    # ratio for seed 0's layer; seeds 1 and 2 gain 11% and 9%.
+    improved = 0
+    for seed in range(3):
+        torch.manual_seed(seed)
+        lin = nn.Linear(64, 96, bias=False)
+        X = torch.randn(256, 64)
+        X[:, SALIENT] *= 30.0
+        s, errors = awq_search_scales([lin], X, X.abs().mean(dim=0), BITS, GROUP, symmetric=True, grid=20)
+        W_rtn = quantize_weight_rtn(lin.weight.detach(), BITS, True, "group", GROUP).dequantize()
+        err_rtn = (X @ W_rtn.t() - X @ lin.weight.detach().t()).pow(2).mean().item()
+        assert len(errors) == 20
+        assert errors[0] == pytest.approx(err_rtn, rel=1e-5)
+        assert min(errors) <= errors[0]
+        if min(errors) < errors[0]:
+            improved += 1
+            assert s[SALIENT].min() > s.median()  # salient input channels are scaled up
+        assert (s.max() * s.min()).sqrt().item() == pytest.approx(1.0, rel=1e-5)
+    assert improved >= 2
 
 
 def test_clip_search_shrinks_groups_with_a_stray_large_weight() -> None:

@@ -63,7 +63,10 @@ def test_awq_checkpoint_loads_in_transformers_and_beats_its_quantizer_alone(sali
     with torch.no_grad():
         assert (ours(ids).logits - served(ids).logits).abs().max().item() < 1e-4
     base = load_recipe(baseline)
-    base = base.model_copy(update={"weights": base.weights.model_copy(update={"group_size": 32})})
+    # Its quantizer alone: the baseline recipe with the AWQ recipe's own quantizer options (no
+    # act-order, no clipping search, which the built-in baselines add since issue 21).
+    plain = {k: v for k, v in base.options.items() if k not in ("actorder", "static_groups", "clip_search", "clip_grid", "clip_min_ratio")}
+    base = base.model_copy(update={"weights": base.weights.model_copy(update={"group_size": 32}), "options": plain})
     base_model, base_result = _run(salient, base)
     save_quantized(base_model, base_result.weights, base, tmp_path / "base", {"recipe": base.name})
     reference = load_model(salient)

@@ -201,12 +201,12 @@ def test_a_bad_regex_in_ignore_names_the_recipe_and_pattern(tmp_path) -> None:
 @pytest.mark.parametrize(
     "method, options, message",
     [
-        ("rtn", {"blocksize": 4}, "unknown rtn option(s) ['blocksize'] (rtn takes none)"),
+        ("rtn", {"blocksize": 4}, "unknown rtn option(s) ['blocksize'] (known: ['clip_grid', 'clip_min_ratio', 'clip_search'])"),
         ("gptq", {"blocksize": 0}, "gptq option blocksize must be an integer >= 1, got 0"),
         ("gptq", {"blocksize": "128"}, "gptq option blocksize must be an integer >= 1, got '128'"),
         ("gptq", {"percdamp": 0}, "gptq option percdamp must be a number in (0, 1], got 0"),
         ("gptq", {"actorder": "yes"}, "gptq option actorder must be true or false, got 'yes'"),
-        ("gptq", {"act_order": True}, "unknown gptq option(s) ['act_order'] (known: ['actorder', 'blocksize', 'max_damp_tries', 'percdamp', 'static_groups', 'true_sequential'])"),
+        ("gptq", {"act_order": True}, "unknown gptq option(s) ['act_order'] (known: ['actorder', 'blocksize', 'clip_grid', 'clip_min_ratio', 'clip_search', 'max_damp_tries', 'percdamp', 'static_groups', 'true_sequential'])"),
         ("llm_int8", {"threshold": -1}, "llm_int8 threshold must be a number > 0, got -1"),
         ("awq", {"grid": 0}, "awq option grid must be an integer >= 1, got 0"),
         ("awq", {"quantizer": "hqq"}, "awq quantizer must be 'rtn' or 'gptq', got 'hqq'"),
