@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 DEMO_RECIPES ?= w8a16-rtn w4a16-rtn w4a16-rtn-g64 w4a16-rtn-g64-asym
 
-.PHONY: setup demo test test-fast bench-peers clean-venv chromium
+.PHONY: setup demo test test-fast bench-peers bench-llmc clean-venv chromium
 
 setup: $(STAMP)
 
@@ -49,5 +49,21 @@ $(PEERS_STAMP): $(STAMP) bench/peers-requirements.txt
 bench-peers: $(PEERS_STAMP)
 	$(PEERS_VENV)/bin/python bench/peers.py
 
+# llm-compressor for bench/vs_llmcompressor.py, in a venv of its own: it brings transformers 5.17 and
+# compressed-tensors 0.19, so it cannot share quantmill's venv (and never imports it: the bench
+# passes token ids and checkpoints through files and runs the peer in a subprocess). The
+# constraints file keeps torch at the 2.13.0 CPU wheel.
+LLMC_VENV ?= .venv-llmc
+LLMC_STAMP := $(LLMC_VENV)/.installed
+
+$(LLMC_STAMP): constraints.txt
+	test -x $(LLMC_VENV)/bin/python || $(PYTHON) -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(LLMC_VENV)/bin/python -m pip install -q -c constraints.txt llmcompressor==0.14.0.1
+	touch $@
+
+bench-llmc: setup $(LLMC_STAMP)
+	nice -n 10 $(PY) bench/vs_llmcompressor.py --peer-python $(LLMC_VENV)/bin/python $(BENCH_LLMC_ARGS)
+
 clean-venv:
-	rm -rf $(VENV) $(PEERS_VENV)
+	rm -rf $(VENV) $(PEERS_VENV) $(LLMC_VENV)

@@ -1,0 +1,258 @@
+"""quantmill against llm-compressor on the same work: the same float checkpoint, the same calibration
+token ids, the same held-out windows, one scoring script.
+
+    make bench-llmc BENCH_LLMC_ARGS="--work /tmp/qm21/llmc"
+    # = nice -n 10 .venv/bin/python bench/vs_llmcompressor.py --peer-python .venv-llmc/bin/python --work DIR
+
+1. The demo model (SmolLM2-135M) is de-quantized once into a float32 safetensors folder (`--model`
+   takes any local float checkpoint folder instead); the calibration ids are quantmill's own
+   (`stdlib:calib`, 64 x 512, seed 0: the calibration stage's sampling) and go to llm-compressor
+   as a file (`calib_ids.pt`), so both tools see the same tokens.
+2. Each row quantizes with quantmill in this process (load, method, save: the stage's work without
+   the store; the activation stats are computed once and timed on their own row) and with
+   llm-compressor in a subprocess of .venv-llmc (bench/llmc_peer.py, its `oneshot` timed). The two
+   run alternately, row by row, on the same machine.
+3. Every checkpoint (both tools') is loaded by transformers in this venv and scored on the same
+   windows of the held-out text: ppl, KL(P_float || P_quant) per token and top-1 agreement, the float
+   model's log-probabilities computed once. The default held-out text is bench/data/heldout.txt
+   (licence texts, see its header): no recipe was chosen on it. `--eval stdlib:eval` (or any
+   quantmill dataset spec) scores on another text.
+
+`--rows` picks rows; `--extra NAME=RECIPE` adds quantmill-only rows (a recipe name or file), where
+RECIPE@restricted uses the old 15-level grid (scale absmax / qmax), RECIPE@full the full grid at 8 bits
+too, for ablations. Results also go
+to WORK/results.json. A failing peer (llm-compressor's AWQ on a CPU) is a row with its error line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+warnings.filterwarnings("ignore")
+
+HELDOUT = REPO / "bench" / "data" / "heldout.txt"
+# (row, quantmill recipe, llm-compressor scheme of bench/llmc_peer.py)
+ROWS = [
+    ("W8 per channel, RTN", "w8a16-rtn", "w8-channel-rtn"),
+    ("W4 g64, RTN", "w4a16-rtn-g64", "w4-g64-rtn"),
+    ("W4 g64, GPTQ", "w4a16-gptq-g64", "w4-g64-gptq"),
+    ("W4 per channel, GPTQ", "w4a16-gptq", "w4-channel-gptq"),
+    ("W4 g64, AWQ", "w4a16-awq-g64", "w4-g64-awq"),
+]
+
+
+def float_checkpoint(work: Path, model: str | None) -> Path:
+    from quant.sources import convert_gguf, fetch_demo_gguf
+
+    if model:
+        return Path(model)
+    folder = work / "float"
+    if not (folder / "config.json").is_file():
+        home = Path(os.environ.get("QUANTMILL_HOME", Path.home() / ".cache" / "quantmill"))
+        convert_gguf(fetch_demo_gguf(home / "downloads"), folder)
+    return folder
+
+
+def calibration_ids(folder: Path, work: Path, samples: int, seq_len: int):
+    import torch
+
+    from quant.calibration import load_text, pack_samples, parse_spec, tokenize
+    from quant.sources import load_tokenizer
+
+    path = work / f"calib_ids_{samples}x{seq_len}.pt"
+    if not path.is_file():
+        tokens = tokenize(load_tokenizer(folder), load_text(parse_spec("stdlib:calib")))
+        torch.save(pack_samples(tokens, samples, seq_len, 0, what="calibration text stdlib:calib"), path)
+    return path, torch.load(path)
+
+
+def eval_windows(folder: Path, spec: str, windows: int, seq_len: int):
+    from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
+    from quant.sources import load_tokenizer
+
+    text = HELDOUT.read_text() if spec == "heldout" else load_text(parse_spec(spec))
+    return first_windows(tokenize_prefix(load_tokenizer(folder), text, windows * seq_len), windows, seq_len)
+
+
+def log_probs(model, windows):
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        return [F.log_softmax(model(input_ids=w[None], use_cache=False).logits[0, :-1].float(), dim=-1) for w in windows]
+
+
+def score(folder: Path, windows, reference: list) -> dict:
+    """ppl, KL(P_float || P_quant) per token, top-1 agreement of a checkpoint loaded by transformers."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    nll = kl = agree = count = 0.0
+    with torch.no_grad():
+        for w, ref in zip(windows, reference):
+            logp = F.log_softmax(model(input_ids=w[None], use_cache=False).logits[0, :-1].float(), dim=-1)
+            targets = w[1:]
+            nll += -logp.gather(1, targets[:, None]).sum().item()
+            kl += F.kl_div(logp, ref, log_target=True, reduction="sum").item()
+            agree += (logp.argmax(-1) == ref.argmax(-1)).sum().item()
+            count += targets.numel()
+    del model
+    gc.collect()
+    return {"ppl": math.exp(nll / count), "kl": kl / count, "top1": agree / count}
+
+
+def quantmill_quantize(folder: Path, ref: str, calibration, stats, out: Path) -> float:
+    """quantmill's quantize stage without the store: load, method, save. Returns its seconds."""
+    import torch
+
+    import quant.qparams as qparams
+    from quant.checkpoint import save_quantized
+    from quant.methods import METHODS, MethodContext
+    from quant.recipe import load_recipe
+    from quant.sources import load_model
+
+    name, _, variant = ref.partition("@")
+    recipe = load_recipe(name)
+    full_range = qparams.weight_full_range
+    if variant == "restricted":  # ablation: the pre-issue-21 grid (absmax / qmax, 15 levels at 4 bits)
+        qparams.weight_full_range = lambda bits: False
+    elif variant == "full":  # ablation: the full grid at every width (8 bits included)
+        qparams.weight_full_range = lambda bits: True
+    try:
+        start = time.perf_counter()
+        net = load_model(folder)
+        ctx = MethodContext(model=net, recipe=recipe, stats=stats, calibration=calibration, device=torch.device("cpu"))
+        result = METHODS[recipe.method](ctx)
+        save_quantized(net, result.weights, recipe, out, {"bench": "vs_llmcompressor"}, tokenizer_dir=folder,
+                       input_qparams=result.input_qparams, release_weights=True)
+        seconds = time.perf_counter() - start
+    finally:
+        qparams.weight_full_range = full_range
+    del net, ctx, result
+    gc.collect()
+    return seconds
+
+
+def peer_quantize(python: str, folder: Path, calib: Path, scheme: str, out: Path, log: Path) -> tuple[float | None, str | None]:
+    """llm-compressor in its own venv; (seconds, None) or (None, its last error line)."""
+    cmd = [python, str(REPO / "bench" / "llmc_peer.py"), "--model", str(folder), "--calib", str(calib), "--scheme", scheme, "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/")
+    log.write_text(done.stdout + "\n" + done.stderr)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])["seconds"], None
+    errors = [line.strip() for line in done.stderr.splitlines() if "Error" in line or "error" in line]
+    return None, (errors[-1] if errors else f"exit {done.returncode}")[:160]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/quantmill-vs-llmc", help="scratch folder (float model, ids, checkpoints)")
+    parser.add_argument("--model", help="a float checkpoint folder (default: the demo model)")
+    parser.add_argument("--peer-python", default=str(REPO / ".venv-llmc" / "bin" / "python"))
+    parser.add_argument("--no-peer", action="store_true", help="quantmill rows only")
+    parser.add_argument("--rows", nargs="*", help="row numbers (1-based) of the default table")
+    parser.add_argument("--extra", action="append", default=[], help="LABEL=RECIPE[@restricted|@full]: a quantmill-only row")
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval", default="heldout", help="'heldout' (bench/data/heldout.txt) or a dataset spec")
+    parser.add_argument("--eval-windows", type=int, default=12)
+    parser.add_argument("--reuse", action="store_true", help="keep checkpoints already in WORK (re-score only)")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from quant.sources import load_model
+    from quant.stats import collect_stats
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(0)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    folder = float_checkpoint(work, args.model)
+    calib_path, calibration = calibration_ids(folder, work, args.calib_samples, args.seq_len)
+    windows = eval_windows(folder, args.eval, args.eval_windows, args.seq_len)
+
+    rows = [r for i, r in enumerate(ROWS, 1) if not args.rows or str(i) in args.rows]
+    rows += [(label, ref, None) for label, _, ref in (e.partition("=") for e in args.extra)]
+
+    float_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    reference = log_probs(float_model, windows)
+    nll = sum(-ref.gather(1, w[1:, None]).sum().item() for w, ref in zip(windows, reference))
+    float_score = {"ppl": math.exp(nll / sum(w.numel() - 1 for w in windows))}
+    del float_model
+    start = time.perf_counter()
+    stats = collect_stats(load_model(folder), calibration, torch.device("cpu"))
+    stats_seconds = time.perf_counter() - start
+    gc.collect()
+
+    results = []
+    for label, ref, scheme in rows:
+        row = {"row": label, "quantmill_recipe": ref, "peer_scheme": scheme}
+        out = work / "quantmill" / ref.replace("/", "_")
+        if not (args.reuse and (out / "config.json").is_file()):
+            row["quantmill_seconds"] = quantmill_quantize(folder, ref, calibration, stats, out)
+        row["quantmill"] = score(out, windows, reference)
+        if scheme and not args.no_peer:
+            peer_out = work / "llmcompressor" / scheme
+            if args.reuse and (peer_out / "config.json").is_file():
+                seconds, error = None, None
+            else:
+                seconds, error = peer_quantize(args.peer_python, folder, calib_path, scheme, peer_out, work / f"peer-{scheme}.log")
+            row["peer_seconds"], row["peer_error"] = seconds, error
+            if error is None:
+                row["peer"] = score(peer_out, windows, reference)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "eval": f"{args.eval} {args.eval_windows} x {args.seq_len}", "calibration": f"stdlib:calib {args.calib_samples} x {args.seq_len} seed 0",
+        "float": float_score, "stats_seconds": stats_seconds,
+    }
+    (work / "results.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+    print_table(meta, results)
+
+
+def print_table(meta: dict, results: list[dict]) -> None:
+    def num(value, fmt):
+        return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+    print(f"\n{meta['date']}, {meta['machine']}; eval {meta['eval']} (float ppl {meta['float']['ppl']:.3f}); "
+          f"calibration {meta['calibration']}; quantmill stats stage {meta['stats_seconds']:.1f} s (shared by all rows, not in the times)")
+    header = ["row", "qm s", "llmc s", "time qm/llmc", "qm ppl", "llmc ppl", "qm KL", "llmc KL", "KL qm/llmc", "qm top1", "llmc top1"]
+    print(" | ".join(header))
+    for r in results:
+        q, p = r.get("quantmill", {}), r.get("peer", {})
+        qs, ps = r.get("quantmill_seconds"), r.get("peer_seconds")
+        cells = [
+            f"{r['row']} ({r['quantmill_recipe']})", num(qs, ".1f"), num(ps, ".1f") if not r.get("peer_error") else "failed",
+            num(qs / ps if qs and ps else None, ".2f"), num(q.get("ppl"), ".3f"), num(p.get("ppl"), ".3f"),
+            num(q.get("kl"), ".4f"), num(p.get("kl"), ".4f"),
+            num(q["kl"] / p["kl"] if q.get("kl") and p.get("kl") else None, ".2f"), num(q.get("top1"), ".3f"), num(p.get("top1"), ".3f"),
+        ]
+        print(" | ".join(cells))
+        if r.get("peer_error"):
+            print(f"   llm-compressor failed: {r['peer_error']}")
+
+
+if __name__ == "__main__":
+    main()
