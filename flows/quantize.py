@@ -153,7 +153,7 @@ def quantize_flow(
         for recipe in plans:
             q = run(f"quantize {recipe.name}", quantize, resolved, calib, stats, recipe, device_)
             metrics = run(f"evaluate {recipe.name}", evaluate, resolved, evaluation_spec, q, device_)["manifest"]["metrics"]
-            row = {"recipe": recipe.name, **{k: metrics.get(k) for k in ("ppl", "ppl_ratio", "kl", "top1_agreement", "size_mb", "bits_per_weight", "quantize_seconds", "seconds", "max_abs_logit_diff")}}
+            row = {"recipe": recipe.name, **{k: metrics.get(k) for k in ("ppl", "ppl_ratio", "ppl_ratio_ci95_low", "ppl_ratio_ci95_high", "kl", "kl_ci95_low", "kl_ci95_high", "top1_agreement", "size_mb", "bits_per_weight", "quantize_seconds", "seconds", "max_abs_logit_diff")}}
             verdict = run(f"gate {recipe.name}", check_gate, q, metrics, effective_gate(recipe.gate, gate))
             row["gate"] = verdict["status"]
             row["gate_reasons"] = "; ".join(verdict["reasons"]) or None

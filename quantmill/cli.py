@@ -44,13 +44,21 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _with_interval(row: dict[str, Any], key: str) -> str:
+    """`value [low, high]`: the 95% interval paired over eval windows, when there are two or more."""
+    low, high = row.get(f"{key}_ci95_low"), row.get(f"{key}_ci95_high")
+    if low is None or high is None:
+        return _fmt(row.get(key), ".4f")
+    return f"{row[key]:.4f} [{low:.4f}, {high:.4f}]"
+
+
 def results_table(summary: dict[str, Any]) -> str:
     fp = summary["reference"]
-    header = ["recipe", "ppl", "ppl ratio", "KL", "top-1 agree", "size MB", "bits/w", "quant s", "eval s", "gate", "MLflow URI"]
+    header = ["recipe", "ppl", "ppl ratio [95% CI]", "KL [95% CI]", "top-1 agree", "size MB", "bits/w", "quant s", "eval s", "gate", "MLflow URI"]
     rows = [["float (reference)", _fmt(fp["ppl"], ".3f"), "1.0000", "-", "-", _fmt(fp["size_mb"], ".1f"), "32", "-", _fmt(fp["seconds"], ".1f"), "-", "-"]]
     for r in summary["rows"]:
         rows.append([
-            r["recipe"], _fmt(r["ppl"], ".3f"), _fmt(r["ppl_ratio"], ".4f"), _fmt(r["kl"], ".4f"), _fmt(r["top1_agreement"], ".4f"),
+            r["recipe"], _fmt(r["ppl"], ".3f"), _with_interval(r, "ppl_ratio"), _with_interval(r, "kl"), _fmt(r["top1_agreement"], ".4f"),
             _fmt(r["size_mb"], ".1f"), _fmt(r["bits_per_weight"], ".2f"), _fmt(r["quantize_seconds"], ".1f"), _fmt(r["seconds"], ".1f"),
             r.get("gate") or "-", r.get("uri") or "-",
         ])

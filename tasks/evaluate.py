@@ -1,4 +1,8 @@
-"""evaluate: the fixed protocol on the eval text, for the float model or a quantized one against it."""
+"""evaluate: the fixed protocol on the eval text, for the float model or a quantized one against it.
+
+The float model's entry keeps its next-token record (`reference_topk.safetensors`, see
+quant/evaluate.py); a quantized model's evaluation reads it and runs only the quantized model.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from prefect import task
 from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
 from quant.checkpoint import load_quantized, size_report
 from quant.errors import QuantmillError
-from quant.evaluate import evaluate_windows
+from quant.evaluate import REFERENCE_TOPK, ReferenceTopK, evaluate_against, reference_distributions
 from quant.hashing import sha256_text
 from quant.outlier_methods import llm_int8_outlier_fractions
 from quant.sequential import pick_device
@@ -20,9 +24,10 @@ from quant.sources import load_model, load_tokenizer
 from tasks.calibrate import EvaluationSpec
 from tasks.common import Progress, entry_result, log, store, store_cache_key
 from tasks.resolve import checkpoint_dir
-from tasks.store import stage_key
+from tasks.store import Entry, stage_key
 
 STAGE = "evaluate"
+REFERENCE_FILE = "reference_topk.safetensors"
 
 
 def evaluate_key(model_key: str, quantized_key: str | None, spec: EvaluationSpec) -> str:
@@ -43,43 +48,72 @@ def _key_of(p: dict[str, Any]) -> tuple[str, str]:
     return STAGE, evaluate_key(p["model"]["key"], q["key"] if q else None, EvaluationSpec.model_validate(p["spec"]))
 
 
-@task(name="evaluate", cache_key_fn=store_cache_key(_key_of), persist_result=True)
-def evaluate(model: dict[str, Any], spec: EvaluationSpec, quantized: dict[str, Any] | None = None, device: str | None = None) -> dict[str, Any]:
-    """Perplexity (and, for a quantized model, KL to the float model, top-1 agreement, size)."""
-    spec = EvaluationSpec.model_validate(spec)
-    key = evaluate_key(model["key"], quantized["key"] if quantized else None, spec)
+def _windows(src: Path, spec: EvaluationSpec) -> tuple[Any, str]:
+    text = load_text(parse_spec(spec.dataset))
+    ids = tokenize_prefix(load_tokenizer(src), text, spec.windows * spec.seq_len)
+    return first_windows(ids, spec.windows, spec.seq_len, what=f"evaluation text {spec.dataset}"), sha256_text(text)
+
+
+def _float_entry(model: dict[str, Any], spec: EvaluationSpec, device: str | None) -> tuple[Entry, bool]:
+    """The float model's evaluation (perplexity + next-token record), built once per eval text."""
+    key = evaluate_key(model["key"], None, spec)
     s = store()
     found = s.get(STAGE, key)
-    what = quantized["manifest"]["recipe"]["name"] if quantized else "float"
-    if found is not None:
-        log(f"reused evaluate key {key[:12]} ({what})")
-        return entry_result(found, reused=True)
+    if found is not None and (found.path / REFERENCE_FILE).is_file():
+        return found, True
     with s.build(STAGE, key) as tmp:
         src = checkpoint_dir(model)
         dev = pick_device(device)
-        text = load_text(parse_spec(spec.dataset))
-        windows = first_windows(tokenize_prefix(load_tokenizer(src), text, spec.windows * spec.seq_len), spec.windows, spec.seq_len, what=f"evaluation text {spec.dataset}")
-        reference = load_model(src).to(dev)
+        windows, text_sha = _windows(src, spec)
+        progress = Progress("evaluate float: windows done")
+        result, record = reference_distributions(load_model(src).to(dev), windows, REFERENCE_TOPK, device=dev, on_window=progress.update)
+        metrics = result.to_dict()
+        metrics["size_bytes"] = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+        metrics["size_mb"] = metrics["size_bytes"] / 1e6
+        check_finite(metrics, "float")
+        metrics["eval_text_sha256"] = text_sha
+        record.save(tmp / REFERENCE_FILE)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        entry = s.commit(tmp, STAGE, key, {"metrics": metrics, "what": "float", "reference_topk": REFERENCE_TOPK})
+    log(f"evaluated float: ppl {metrics['ppl']:.3f} -> key {key[:12]}")
+    return entry, False
+
+
+@task(name="evaluate", cache_key_fn=store_cache_key(_key_of), persist_result=True)
+def evaluate(model: dict[str, Any], spec: EvaluationSpec, quantized: dict[str, Any] | None = None, device: str | None = None) -> dict[str, Any]:
+    """Perplexity (and, for a quantized model, KL to the float model, top-1 agreement, paired 95%
+    intervals, size) in one forward pass of the model evaluated."""
+    spec = EvaluationSpec.model_validate(spec)
+    if quantized is None:
+        entry, reused = _float_entry(model, spec, device)
+        if reused:
+            log(f"reused evaluate key {entry.key[:12]} (float)")
+        return entry_result(entry, reused=reused)
+    key = evaluate_key(model["key"], quantized["key"], spec)
+    s = store()
+    found = s.get(STAGE, key)
+    what = quantized["manifest"]["recipe"]["name"]
+    if found is not None:
+        log(f"reused evaluate key {key[:12]} ({what})")
+        return entry_result(found, reused=True)
+    reference, _ = _float_entry(model, spec, device)  # normally done already by the flow
+    with s.build(STAGE, key) as tmp:
+        dev = pick_device(device)
+        record = ReferenceTopK.load(reference.path / REFERENCE_FILE)
         progress = Progress(f"evaluate {what}: windows done")
-        if quantized is None:
-            metrics = evaluate_windows(reference, windows, device=dev, desc="eval float", on_window=progress.update).to_dict()
-            metrics["size_bytes"] = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-            metrics["size_mb"] = metrics["size_bytes"] / 1e6
-        else:
-            qdir = Path(quantized["path"]) / "checkpoint"
-            candidate = load_quantized(qdir).to(dev)
-            metrics = evaluate_windows(candidate, windows, reference, device=dev, desc=f"eval {what}", on_window=progress.update).to_dict()
-            metrics.update(size_report(qdir))
-            fractions = llm_int8_outlier_fractions(candidate)
-            if fractions:  # LLM.int8(): share of input columns the float path took, per module, on the eval text
-                metrics["mean_outlier_fraction"] = sum(fractions.values()) / len(fractions)
-                metrics["max_outlier_fraction"] = max(fractions.values())
-                metrics["outlier_fraction_by_module"] = fractions
-            metrics["ppl_ratio"] = metrics["ppl"] / metrics["reference_ppl"]
-            metrics["quantize_seconds"] = quantized["manifest"]["quantize_seconds"]
+        qdir = Path(quantized["path"]) / "checkpoint"
+        candidate = load_quantized(qdir).to(dev)
+        metrics = evaluate_against(candidate, record, device=dev, desc=f"eval {what}", on_window=progress.update).to_dict()
+        metrics.update(size_report(qdir))
+        fractions = llm_int8_outlier_fractions(candidate)
+        if fractions:  # LLM.int8(): share of input columns the float path took, per module, on the eval text
+            metrics["mean_outlier_fraction"] = sum(fractions.values()) / len(fractions)
+            metrics["max_outlier_fraction"] = max(fractions.values())
+            metrics["outlier_fraction_by_module"] = fractions
+        metrics["quantize_seconds"] = quantized["manifest"]["quantize_seconds"]
         check_finite(metrics, what)
-        metrics["eval_text_sha256"] = sha256_text(text)
+        metrics["eval_text_sha256"] = reference.manifest["metrics"]["eval_text_sha256"]
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         entry = s.commit(tmp, STAGE, key, {"metrics": metrics, "what": what})
-    log(f"evaluated {what}: ppl {metrics['ppl']:.3f} -> key {key[:12]}")
+    log(f"evaluated {what}: ppl {metrics['ppl']:.3f} (x{metrics['ppl_ratio']:.4f}), KL {metrics['kl']:.4f} -> key {key[:12]}")
     return entry_result(entry, reused=False)
