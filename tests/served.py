@@ -138,3 +138,29 @@ def artifacts(base: str, flow_run_id: str) -> dict[str, dict[str, Any]]:
 def events(base: str, name: str) -> list[dict[str, Any]]:
     _, found = api(base, "POST", "/events/filter", {"filter": {"event": {"name": [name]}}, "limit": 50})
     return found["events"] if found else []
+
+
+def _drain_workers() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=15)
+    EventsWorker.drain_all(timeout=15)
+
+
+@contextmanager
+def this_process_uses(api_url: str) -> Iterator[None]:
+    """Point this process's Prefect client, events and run logs at API_URL. The event and log
+    workers are process-wide, made on first use with the API URL of the moment (the session's
+    test harness, when an earlier test used it), so they are drained on the way in and out; the
+    global settings context is what their threads read (the harness sets it the same way)."""
+    import prefect.context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    _drain_workers()
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        with prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+            try:
+                yield
+            finally:
+                _drain_workers()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.served import api, deployments, events, prefect_server
+from tests.served import api, deployments, events, prefect_server, this_process_uses
 from tests.tiny import make_tiny_llama
 
 RECIPES = ["w8a16-rtn", "w4a16-rtn"]
@@ -29,8 +29,6 @@ def server(tmp_path_factory):
 def world(server, tmp_path, monkeypatch):
     """This process talks to the test server; a private store, MLflow and hub cache; the quantize
     deployment registered as `quantmill serve` registers it (nobody runs it here)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     monkeypatch.setenv("QUANTMILL_HOME", str(tmp_path / "home"))
     cache = tmp_path / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -39,7 +37,7 @@ def world(server, tmp_path, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with temporary_settings({PREFECT_API_URL: server}):
+    with this_process_uses(server):
         from quantmill.serve import build_deployments
 
         build_deployments()[0].apply()
