@@ -173,14 +173,20 @@ def main() -> None:
     parser.add_argument("--eval", default="heldout", help="'heldout' (bench/data/heldout.txt) or a dataset spec")
     parser.add_argument("--eval-windows", type=int, default=12)
     parser.add_argument("--reuse", action="store_true", help="keep checkpoints already in WORK (re-score only)")
+    parser.add_argument("--table", metavar="LOG", help="print the table of the JSON lines a run printed (a run cut short) and exit")
     args = parser.parse_args()
+    if args.table:
+        lines = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.startswith("{")]
+        meta = next(line["meta"] for line in lines if "meta" in line)
+        print_table(meta, [line for line in lines if "row" in line])
+        return
 
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from quant.sources import load_model
-    from quant.stats import collect_stats
+    from quant.stats import collect_stats, load_stats, save_stats
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -199,11 +205,25 @@ def main() -> None:
     nll = sum(-ref.gather(1, w[1:, None]).sum().item() for w, ref in zip(windows, reference))
     float_score = {"ppl": math.exp(nll / sum(w.numel() - 1 for w in windows))}
     del float_model
+    stats_dir = work / f"stats_{args.calib_samples}x{args.seq_len}"
     start = time.perf_counter()
-    stats = collect_stats(load_model(folder), calibration, torch.device("cpu"))
-    stats_seconds = time.perf_counter() - start
+    if (stats_dir / "done").is_file():  # a rerun in the same WORK reuses them (their time is the first run's)
+        stats = load_stats(stats_dir)
+        stats_seconds = json.loads((stats_dir / "done").read_text())["seconds"]
+    else:
+        stats = collect_stats(load_model(folder), calibration, torch.device("cpu"))
+        stats_seconds = time.perf_counter() - start
+        stats_dir.mkdir(exist_ok=True)
+        save_stats(stats, stats_dir)
+        (stats_dir / "done").write_text(json.dumps({"seconds": stats_seconds}))
     gc.collect()
 
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "eval": f"{args.eval} {args.eval_windows} x {args.seq_len}", "calibration": f"stdlib:calib {args.calib_samples} x {args.seq_len} seed 0",
+        "float": float_score, "stats_seconds": stats_seconds,
+    }
+    print(json.dumps({"meta": meta}), flush=True)
     results = []
     for label, ref, scheme in rows:
         row = {"row": label, "quantmill_recipe": ref, "peer_scheme": scheme}
@@ -223,11 +243,6 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
 
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "eval": f"{args.eval} {args.eval_windows} x {args.seq_len}", "calibration": f"stdlib:calib {args.calib_samples} x {args.seq_len} seed 0",
-        "float": float_score, "stats_seconds": stats_seconds,
-    }
     (work / "results.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     print_table(meta, results)
 
@@ -239,7 +254,8 @@ def print_table(meta: dict, results: list[dict]) -> None:
     print(f"\n{meta['date']}, {meta['machine']}; eval {meta['eval']} (float ppl {meta['float']['ppl']:.3f}); "
           f"calibration {meta['calibration']}; quantmill stats stage {meta['stats_seconds']:.1f} s (shared by all rows, not in the times)")
     header = ["row", "qm s", "llmc s", "time qm/llmc", "qm ppl", "llmc ppl", "qm KL", "llmc KL", "KL qm/llmc", "qm top1", "llmc top1"]
-    print(" | ".join(header))
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     for r in results:
         q, p = r.get("quantmill", {}), r.get("peer", {})
         qs, ps = r.get("quantmill_seconds"), r.get("peer_seconds")
@@ -249,9 +265,10 @@ def print_table(meta: dict, results: list[dict]) -> None:
             num(q.get("kl"), ".4f"), num(p.get("kl"), ".4f"),
             num(q["kl"] / p["kl"] if q.get("kl") and p.get("kl") else None, ".2f"), num(q.get("top1"), ".3f"), num(p.get("top1"), ".3f"),
         ]
-        print(" | ".join(cells))
+        print("| " + " | ".join(cells) + " |")
+    for r in results:
         if r.get("peer_error"):
-            print(f"   llm-compressor failed: {r['peer_error']}")
+            print(f"{r['row']}: llm-compressor failed: {r['peer_error']}")
 
 
 if __name__ == "__main__":
