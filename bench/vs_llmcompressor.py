@@ -9,9 +9,10 @@ token ids, the same held-out windows, one scoring script.
    (`stdlib:calib`, 64 x 512, seed 0: the calibration stage's sampling) and go to llm-compressor
    as a file (`calib_ids.pt`), so both tools see the same tokens.
 2. Each row quantizes with quantmill in this process (load, method, save: the stage's work without
-   the store; the activation stats are computed once and timed on their own row) and with
-   llm-compressor in a subprocess of .venv-llmc (bench/llmc_peer.py, its `oneshot` timed). The two
-   run alternately, row by row, on the same machine.
+   the store; the activation stats are computed once and timed on their own) and with
+   llm-compressor in a subprocess of .venv-llmc (bench/llmc_peer.py, its `oneshot` timed). The
+   peer's runs go one after another in a worker thread while quantmill's rows run, so the two
+   tools quantize at the same time under the same machine load (on 2 cores each gets about one).
 3. Every checkpoint (both tools') is loaded by transformers in this venv and scored on the same
    windows of the held-out text: ppl, KL(P_float || P_quant) per token and top-1 agreement, the float
    model's log-probabilities computed once. The default held-out text is bench/data/heldout.txt
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -224,6 +226,15 @@ def main() -> None:
         "float": float_score, "stats_seconds": stats_seconds,
     }
     print(json.dumps({"meta": meta}), flush=True)
+    # llm-compressor's runs go one after another in a worker thread (each a subprocess) while this
+    # process runs quantmill's rows: both tools quantize at the same time, under the same load.
+    peer_python = str(Path(args.peer_python).absolute())
+    pool = ThreadPoolExecutor(max_workers=1)
+    peer_jobs = {}
+    for label, ref, scheme in rows:
+        peer_out = work / "llmcompressor" / (scheme or "")
+        if scheme and not args.no_peer and not (args.reuse and (peer_out / "config.json").is_file()):
+            peer_jobs[scheme] = pool.submit(peer_quantize, peer_python, folder, calib_path, scheme, peer_out, work / f"peer-{scheme}.log")
     results = []
     for label, ref, scheme in rows:
         row = {"row": label, "quantmill_recipe": ref, "peer_scheme": scheme}
@@ -232,16 +243,13 @@ def main() -> None:
             row["quantmill_seconds"] = quantmill_quantize(folder, ref, calibration, stats, out)
         row["quantmill"] = score(out, windows, reference)
         if scheme and not args.no_peer:
-            peer_out = work / "llmcompressor" / scheme
-            if args.reuse and (peer_out / "config.json").is_file():
-                seconds, error = None, None
-            else:
-                seconds, error = peer_quantize(args.peer_python, folder, calib_path, scheme, peer_out, work / f"peer-{scheme}.log")
+            seconds, error = peer_jobs[scheme].result() if scheme in peer_jobs else (None, None)
             row["peer_seconds"], row["peer_error"] = seconds, error
             if error is None:
-                row["peer"] = score(peer_out, windows, reference)
+                row["peer"] = score(work / "llmcompressor" / scheme, windows, reference)
         results.append(row)
         print(json.dumps(row), flush=True)
+    pool.shutdown()
 
     (work / "results.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     print_table(meta, results)
