@@ -202,6 +202,15 @@ def main() -> None:
     rows = [r for i, r in enumerate(ROWS, 1) if not args.rows or str(i) in args.rows]
     rows += [(label, ref, None) for label, _, ref in (e.partition("=") for e in args.extra)]
 
+    # llm-compressor's runs go one after another in a worker thread (each a subprocess) while this
+    # process runs quantmill's rows: both tools quantize at the same time, under the same load.
+    peer_python = str(Path(args.peer_python).absolute())
+    pool = ThreadPoolExecutor(max_workers=1)
+    peer_jobs = {}
+    for label, ref, scheme in rows:
+        peer_out = work / "llmcompressor" / (scheme or "")
+        if scheme and not args.no_peer and not (args.reuse and (peer_out / "config.json").is_file()):
+            peer_jobs[scheme] = pool.submit(peer_quantize, peer_python, folder, calib_path, scheme, peer_out, work / f"peer-{scheme}.log")
     float_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     reference = log_probs(float_model, windows)
     nll = sum(-ref.gather(1, w[1:, None]).sum().item() for w, ref in zip(windows, reference))
@@ -226,15 +235,6 @@ def main() -> None:
         "float": float_score, "stats_seconds": stats_seconds,
     }
     print(json.dumps({"meta": meta}), flush=True)
-    # llm-compressor's runs go one after another in a worker thread (each a subprocess) while this
-    # process runs quantmill's rows: both tools quantize at the same time, under the same load.
-    peer_python = str(Path(args.peer_python).absolute())
-    pool = ThreadPoolExecutor(max_workers=1)
-    peer_jobs = {}
-    for label, ref, scheme in rows:
-        peer_out = work / "llmcompressor" / (scheme or "")
-        if scheme and not args.no_peer and not (args.reuse and (peer_out / "config.json").is_file()):
-            peer_jobs[scheme] = pool.submit(peer_quantize, peer_python, folder, calib_path, scheme, peer_out, work / f"peer-{scheme}.log")
     results = []
     for label, ref, scheme in rows:
         row = {"row": label, "quantmill_recipe": ref, "peer_scheme": scheme}
