@@ -101,7 +101,7 @@ def test_a_person_runs_quantize_from_the_form(tmp_path):
                 page.get_by_text("Run Name", exact=True).scroll_into_view_if_needed()
                 _shot(page, "ui-quantize-form.png", shots)
                 page.get_by_role("button", name="Submit").click()
-                page.wait_for_url(re.compile(r".*/deployments/deployment/.*"))
+                page.wait_for_url(re.compile(r".*/deployments/deployment/[^/?]+(\?.*)?$"))  # off the run page: accepted
 
                 runs: list = []
                 for _ in range(60):  # the page moves on as it sends the request
