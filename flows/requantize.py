@@ -93,7 +93,7 @@ class WatchFile(BaseModel):
     sources: list[WatchSource] = Field(min_length=1)
 
 
-def load_watch(path: str | Path) -> WatchFile:
+def _load_watch(path: str | Path) -> WatchFile:
     """The watch file, validated; a one-line QuantmillError naming the bad field otherwise."""
     p = Path(path).expanduser()
     if not p.is_file():
@@ -107,6 +107,28 @@ def load_watch(path: str | Path) -> WatchFile:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "watch file"
         raise QuantmillError(f"watch file {path}: {where}: {first['msg']}") from None
+
+
+def load_watch(path: str | Path) -> WatchFile:
+    """The watch file, validated, each source's extra quantize parameters included (against the
+    quantize deployment's parameter schema, as the server will: a bad one fails the scan at once,
+    not each run it would start)."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    from flows.quantize import quantize_flow
+
+    spec = _load_watch(path)
+    schema = parameter_schema(quantize_flow).model_dump_for_openapi()
+    for i, src in enumerate(spec.sources):
+        unknown = sorted(set(src.parameters) - set(schema["properties"]))
+        if unknown:
+            raise QuantmillError(f"watch file {path}: sources.{i}.parameters: unknown quantize parameter {unknown[0]!r} (known: {', '.join(schema['properties'])})")
+        try:
+            validate({"model": "demo", "recipes": src.recipes, **src.parameters}, schema, raise_on_error=True)
+        except Exception as err:  # "Validation failed for field 'device'. Failure reason: ..."
+            raise QuantmillError(f"watch file {path}: sources.{i}.parameters: {str(err).splitlines()[0]}") from None
+    return spec
 
 
 @dataclass(frozen=True)
@@ -228,7 +250,12 @@ def requantize_flow(
                     skipped.append({**row, "reason": "run in flight"})
                     continue
                 parameters = {**src.parameters, "model": ckpt.source, "recipes": [recipe.name], "register_as": src.register_as, "allow_pickle": src.allow_pickle}
-                run = run_deployment(spec.deployment, parameters=parameters, timeout=0, tags=["quantmill", "requantize", tag])
+                try:
+                    run = run_deployment(spec.deployment, parameters=parameters, timeout=0, tags=["quantmill", "requantize", tag])
+                except Exception as err:  # no such deployment, server refused: the other pairs still start
+                    errors.append(f"{ckpt.source} x {recipe.name}: cannot start {spec.deployment}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+                    logger.error(errors[-1])
+                    continue
                 logger.info(f"{ckpt.source} ({ckpt.revision[:16]}) x {recipe.name}: started flow run {run.name} ({run.id})")
                 started.append({**row, "flow_run_id": str(run.id)})
                 runs.append(str(run.id))
@@ -242,5 +269,5 @@ def requantize_flow(
         create_table_artifact(key="requantize-scan", table=[{**r, "action": "started"} for r in started] + [{**r, "action": "skipped"} for r in skipped], description=f"requantize scan of {watch}")
     logger.info(f"{len(started)} quantize runs started, {len(skipped)} pairs skipped")
     if errors:
-        raise QuantmillError(f"{len(errors)} source(s) could not be scanned: {'; '.join(errors)}")
+        raise QuantmillError(f"{len(errors)} problem(s) in this scan: {'; '.join(errors)}")
     return {"started": started, "skipped": skipped}

@@ -4,6 +4,7 @@ alias, and starts one quantize run per new (checkpoint revision, recipe)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -151,6 +152,24 @@ def test_a_bad_watch_file_fails_the_scan_with_the_reason(server, world):
     assert state.is_failed() and "sources.0.register_as: Field required" in state.message
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(state.state_details.flow_run_id).state.is_failed()
+
+
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        ({"device": "tpu"}, "sources.0.parameters: Validation failed for field 'device'. Failure reason: 'tpu' is not one of"),
+        ({"calibration": {"samples": 0}}, "sources.0.parameters: Validation failed for field 'calibration.samples'"),
+        ({"seq_len": 64}, "sources.0.parameters: unknown quantize parameter 'seq_len'"),
+        ({"model": "demo"}, "parameters may not set model"),
+    ],
+)
+def test_a_watch_file_with_bad_quantize_parameters_is_refused(tmp_path, parameters, message):
+    from flows.requantize import load_watch
+    from quant.errors import QuantmillError
+
+    watch = write_watch(tmp_path / "watch.yaml", {"dir": str(tmp_path), "register_as": "m", "parameters": parameters})
+    with pytest.raises(QuantmillError, match=re.escape(message)):
+        load_watch(watch)
 
 
 def _events(base: str, which, count: int) -> list[dict]:
