@@ -19,7 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from quant.calibration import parse_spec
 from quant.errors import QuantmillError, RecipeError, SourceError
-from quant.recipe import Recipe, builtin_recipes, load_recipe, parse_recipe
+from quant.recipe import Recipe, builtin_recipes, load_recipe, parse_recipe, yaml_documents
 from quant.sources import ModelSource, validate_source
 from tasks.calibrate import CalibrationSpec, EvaluationSpec
 
@@ -112,14 +112,16 @@ class Plan:
     device: str | None  # None: the tasks choose (CUDA when present)
 
 
+INLINE_RECIPES_MAX_BYTES = 200_000
+
+
 def inline_recipes(text: str | None, origin: str = "recipe_yaml") -> list[Recipe]:
     """Recipes written into the form: one mapping, a list of mappings, or several YAML documents."""
     if not text or not text.strip():
         return []
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{origin}: not valid YAML ({str(err).splitlines()[0]})") from None
+    # The recipe files' limits (size, no anchors or aliases: a few lines of aliases expand to
+    # gigabytes), with room for several recipes.
+    docs = [d for d in yaml_documents(text, origin, max_bytes=INLINE_RECIPES_MAX_BYTES) if d is not None]
     items = [x for d in docs for x in (d if isinstance(d, list) else [d])]
     return [parse_recipe(item, f"{origin}[{i}]" if len(items) > 1 else origin) for i, item in enumerate(items)]
 

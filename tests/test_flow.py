@@ -145,3 +145,16 @@ def test_results_table_has_every_column_for_every_row():
     assert list(table[1]) == ["recipe", "ppl", "ppl_ratio", "size_mb", "seconds", "uri", "gate", "gate_reasons", "quantized_key"]
     assert all(list(r) == list(table[0]) for r in table)
     assert table[1]["ppl"] == 10.1235 and table[2]["gate"] == "failed" and table[1]["gate"] == "\u2014"
+
+
+def test_inline_recipe_yaml_from_the_form_has_the_recipe_files_limits():
+    """A few lines of YAML aliases expand to gigabytes: the form's text is refused like a file's."""
+    from flows.params import inline_recipes
+    from quant.errors import RecipeError
+
+    bomb = 'a: &a ["x", "x"]\nb: &b [*a, *a]\nc: &c [*b, *b]\nname: w\nmethod: rtn\nweights: {bits: 8}\n'
+    with pytest.raises(RecipeError, match=r"^recipe_yaml: .*alias"):
+        inline_recipes(bomb)
+    with pytest.raises(RecipeError, match=r"^recipe_yaml: \d+ bytes, more than the 200000 allowed"):
+        inline_recipes("#" * 200_001)
+    assert [r.name for r in inline_recipes("name: w8\nmethod: rtn\nweights: {bits: 8}\n")] == ["w8"]
