@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -178,7 +179,8 @@ def main() -> None:
     parser.add_argument("--table", metavar="LOG", help="print the table of the JSON lines a run printed (a run cut short) and exit")
     args = parser.parse_args()
     if args.table:
-        lines = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.startswith("{")]
+        # A JSON line may follow a progress bar's carriage returns on the same line.
+        lines = [json.loads(m.group(0)) for m in re.finditer(r'\{"(?:meta|row)".*\}$', Path(args.table).read_text(), re.M)]
         meta = next(line["meta"] for line in lines if "meta" in line)
         print_table(meta, [line for line in lines if "row" in line])
         return
@@ -260,7 +262,8 @@ def print_table(meta: dict, results: list[dict]) -> None:
         return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
     print(f"\n{meta['date']}, {meta['machine']}; eval {meta['eval']} (float ppl {meta['float']['ppl']:.3f}); "
-          f"calibration {meta['calibration']}; quantmill stats stage {meta['stats_seconds']:.1f} s (shared by all rows, not in the times)")
+          f"calibration {meta['calibration']}; quantmill stats stage {meta['stats_seconds']:.1f} s (shared by all rows, not in the times); "
+          f"qm s = load + method + save, llmc s = its oneshot call only")
     header = ["row", "qm s", "llmc s", "time qm/llmc", "qm ppl", "llmc ppl", "qm KL", "llmc KL", "KL qm/llmc", "qm top1", "llmc top1"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
