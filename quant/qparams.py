@@ -30,9 +30,10 @@ def int_range(bits: int) -> tuple[int, int]:
 def weight_full_range(bits: int) -> bool:
     """Whether symmetric weights of `bits` bits use the full grid (scale absmax / ((qmax - qmin) / 2)).
 
-    Below 8 bits they do: the 2^bits-th level is 1/16 of the int4 grid (docs/BENCHMARKS.md,
-    issue 21). 8-bit weights keep absmax / 127: one level in 256 is worth little there, and the
-    symmetric int8 grid is what the W8A8 int8 matmul path, LLM.int8() and their tests are pinned to.
+    Below 8 bits they do: the 16th level is 1/16 of the int4 grid (issue 21, docs/BENCHMARKS.md).
+    8-bit weights keep absmax / 127: one level in 256 is worth little (W8 RTN's held-out KL
+    already equals llm-compressor's, which uses absmax / 127.5), and the W8A8 int8 matmul path's
+    and SmoothQuant's tests fail with the full grid (they are pinned to the symmetric int8 grid).
     """
     return bits < 8
 
