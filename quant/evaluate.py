@@ -32,10 +32,11 @@ INTERVAL_LEVEL = 0.95
 
 
 def paired_interval(values: list[float], level: float = INTERVAL_LEVEL) -> tuple[float, float] | None:
-    """Student-t interval of the mean of per-window values (None for fewer than two windows)."""
+    """Student-t interval of the mean of per-window values (None for fewer than two windows or a
+    non-finite value)."""
     n = len(values)
-    if n < 2:
-        return None
+    if n < 2 or not all(math.isfinite(v) for v in values):
+        return None  # a NaN window is a broken evaluation: check_finite refuses it, not this
     from scipy.stats import t
 
     mean = statistics.fmean(values)

@@ -206,7 +206,7 @@ def test_a_bad_ignore_regex_and_unknown_rtn_option_fail_before_any_work(cli_env,
     typo = tmp_path / "typo.yaml"
     typo.write_text("name: typo\nmethod: rtn\nweights: {bits: 8}\noptions: {blocksize: 64}\n")
     done = run_cli(["quantize", "--model", str(tiny_model), "--recipe", str(typo), *SMALL], cli_env)
-    assert done.stderr.strip().splitlines()[-1] == f"error: recipe {typo}: unknown rtn option(s) ['blocksize'] (rtn takes none)"
+    assert done.stderr.strip().splitlines()[-1] == f"error: recipe {typo}: unknown rtn option(s) ['blocksize'] (known: ['clip_grid', 'clip_min_ratio', 'clip_search'])"
     assert not (Path(cli_env["QUANTMILL_HOME"]) / "resolve_model").exists()
 
 
