@@ -103,10 +103,15 @@ def quantmill_serve(env: dict[str, str], log: Path, *args: str) -> Iterator[subp
 
 
 def api(base: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    """One call to the Prefect REST API, as the UI makes it; (status, JSON body)."""
+    """One call to the Prefect REST API, as the UI makes it; (status, JSON body). A busy server's
+    503 (its SQLite database locked on a loaded machine) is retried, as Prefect's own client does."""
     import httpx
 
-    r = httpx.request(method, base + path, json=body, timeout=30)
+    for attempt in range(6):
+        r = httpx.request(method, base + path, json=body, timeout=30)
+        if r.status_code not in (429, 503):
+            break
+        time.sleep(2**attempt)
     return r.status_code, (r.json() if r.content else None)
 
 
