@@ -107,6 +107,9 @@ def quantize(
 ) -> None:
     """Quantize MODEL with each RECIPE, evaluate against the original, optionally register."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server (no PREFECT_API_URL) gets 90 s to start, not Prefect's 20: a loaded
+    # machine missed 20 s (issue 17); set the variable to choose another limit.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     warnings.filterwarnings("ignore")
     try:
         from flows.params import DEFAULT_RECIPES, check_request, split_recipes
