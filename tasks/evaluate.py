@@ -1,7 +1,8 @@
 """evaluate: the fixed protocol on the eval text, for the float model or a quantized one against it.
 
-The float model's entry keeps its next-token record (`reference_topk.safetensors`, see
-quant/evaluate.py); a quantized model's evaluation reads it and runs only the quantized model.
+The float model's entry keeps its record (`reference.safetensors`: its output layer's inputs and
+weights, see quant/evaluate.py); a quantized model's evaluation reads it and runs only the
+quantized model, with KL still exact.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from prefect import task
 from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
 from quant.checkpoint import load_quantized, size_report
 from quant.errors import QuantmillError
-from quant.evaluate import REFERENCE_TOPK, ReferenceTopK, evaluate_against, reference_distributions
+from quant.evaluate import ReferenceRecord, evaluate_against, reference_distributions
 from quant.hashing import sha256_text
 from quant.outlier_methods import llm_int8_outlier_fractions
 from quant.sequential import pick_device
@@ -27,7 +28,7 @@ from tasks.resolve import checkpoint_dir
 from tasks.store import Entry, stage_key
 
 STAGE = "evaluate"
-REFERENCE_FILE = "reference_topk.safetensors"
+REFERENCE_FILE = "reference.safetensors"
 
 
 def evaluate_key(model_key: str, quantized_key: str | None, spec: EvaluationSpec) -> str:
@@ -66,7 +67,7 @@ def _float_entry(model: dict[str, Any], spec: EvaluationSpec, device: str | None
         dev = pick_device(device)
         windows, text_sha = _windows(src, spec)
         progress = Progress("evaluate float: windows done")
-        result, record = reference_distributions(load_model(src).to(dev), windows, REFERENCE_TOPK, device=dev, on_window=progress.update)
+        result, record = reference_distributions(load_model(src).to(dev), windows, device=dev, on_window=progress.update)
         metrics = result.to_dict()
         metrics["size_bytes"] = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         metrics["size_mb"] = metrics["size_bytes"] / 1e6
@@ -74,7 +75,7 @@ def _float_entry(model: dict[str, Any], spec: EvaluationSpec, device: str | None
         metrics["eval_text_sha256"] = text_sha
         record.save(tmp / REFERENCE_FILE)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        entry = s.commit(tmp, STAGE, key, {"metrics": metrics, "what": "float", "reference_topk": REFERENCE_TOPK})
+        entry = s.commit(tmp, STAGE, key, {"metrics": metrics, "what": "float"})
     log(f"evaluated float: ppl {metrics['ppl']:.3f} -> key {key[:12]}")
     return entry, False
 
@@ -99,7 +100,7 @@ def evaluate(model: dict[str, Any], spec: EvaluationSpec, quantized: dict[str, A
     reference, _ = _float_entry(model, spec, device)  # normally done already by the flow
     with s.build(STAGE, key) as tmp:
         dev = pick_device(device)
-        record = ReferenceTopK.load(reference.path / REFERENCE_FILE)
+        record = ReferenceRecord.load(reference.path / REFERENCE_FILE)
         progress = Progress(f"evaluate {what}: windows done")
         qdir = Path(quantized["path"]) / "checkpoint"
         candidate = load_quantized(qdir).to(dev)

@@ -31,7 +31,7 @@ STAGE_VERSIONS = {
     "capture_calibration": "1",
     "collect_stats": "1",
     "quantize": "1",
-    "evaluate": "2",  # 2: per-window values, paired intervals, the float model's top-k record
+    "evaluate": "2",  # 2: per-window values, paired intervals, the float model's reference record
 }
 
 MANIFEST = "manifest.json"
