@@ -107,11 +107,11 @@ def quantize(
 ) -> None:
     """Quantize MODEL with each RECIPE, evaluate against the original, optionally register."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The temporary server (no PREFECT_API_URL) gets 90 s to start, not Prefect's 20: a loaded
-    # machine missed 20 s (issue 17); set the variable to choose another limit.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     warnings.filterwarnings("ignore")
     try:
+        from quantmill.prefect_server import prefect_api, startup_timeout
+
+        startup_timeout()  # a bad value would fail Prefect's own settings at import, with no name
         from flows.params import DEFAULT_RECIPES, check_request, split_recipes
 
         # Validate everything the user typed before starting a flow run: the flow's own checks.
@@ -130,17 +130,20 @@ def quantize(
 
             hf_logging.disable_progress_bar()  # quantmill's own bars show the stages
         start = time.perf_counter()
-        summary = quantize_flow(
-            model=model,
-            recipes=recipe_names,
-            recipe_yaml=recipe_yaml,
-            calibration=plan.calibration,
-            evaluation=plan.evaluation,
-            register_as=register,
-            gate=gate,
-            allow_pickle=allow_pickle,
-            device=device,
-        )
+        # Without PREFECT_API_URL a temporary server runs for this command only (90 s to start on
+        # a loaded machine, not Prefect's 20; it dies with this process, even when killed).
+        with prefect_api():
+            summary = quantize_flow(
+                model=model,
+                recipes=recipe_names,
+                recipe_yaml=recipe_yaml,
+                calibration=plan.calibration,
+                evaluation=plan.evaluation,
+                register_as=register,
+                gate=gate,
+                allow_pickle=allow_pickle,
+                device=device,
+            )
         summary["wall_seconds"] = time.perf_counter() - start
     except QuantmillError as err:
         _fail(err, debug)
