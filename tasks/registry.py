@@ -9,6 +9,10 @@ quality gate is registered, marked `quantmill.gate=failed`, and gets no alias.
 When the registry cannot be reached, the request is kept as a pending record in the store
 (`<QUANTMILL_HOME>/pending-registrations/`); `quantmill register` replays it later, with nothing
 recomputed.
+
+A registering process killed mid-way (SIGKILL, a lost machine) cannot end its MLflow run or
+remove its scratch copy; the next registration on the same host does both for it
+(`close_abandoned_runs`, `remove_abandoned_scratch`): the run is marked KILLED, never deleted.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from quant.hashing import hash_files
 from quant.recipe import Recipe
 from tasks.common import log, store
 from tasks.mlflow_model import build_model_folder
+from tasks.processes import owner_alive, owner_id, pid_alive
 from tasks.report import layer_metrics, plot_output_error
 from tasks.tracking import (  # noqa: F401  (re-exported: the registry's one import point)
     EXPERIMENT,
@@ -45,6 +50,8 @@ CHECKPOINT_TAG = "quantmill.checkpoint.sha256."
 SOURCE_TAG = "quantmill.source.sha256."
 GATE_TAG = "quantmill.gate"
 PENDING = "pending-registrations"
+OWNER_TAG = "quantmill.owner"  # host:pid:start of the registering process (tasks/processes.py)
+SCRATCH = "registering"
 
 
 def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -205,6 +212,32 @@ def _keep_pending(request: dict[str, Any]) -> Path:
     return path
 
 
+def close_abandoned_runs(c, experiment: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of the experiment whose registering process on this host is
+    gone; returns their ids. Runs of live processes, of other hosts and without an owner stay."""
+    closed = []
+    for run in c.search_runs([experiment], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        owner = run.data.tags.get(OWNER_TAG)
+        if owner and owner_alive(owner) is False:
+            c.set_tag(run.info.run_id, "quantmill.abandoned", f"its registering process {owner} died before the run ended")
+            c.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    if closed:
+        log(f"marked {len(closed)} abandoned MLflow run(s) KILLED: {', '.join(closed)}")
+    return closed
+
+
+def remove_abandoned_scratch(root: Path) -> list[Path]:
+    """Remove the `registering/<pid>-...` copies of processes that died while registering."""
+    removed = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        pid = folder.name.split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def register_version(
     name: str,
     quantized: dict[str, Any],
@@ -246,14 +279,17 @@ def _register(name, quantized, metrics, reference, gate_result, evaluation) -> d
     qdir = Path(quantized["path"]) / "checkpoint"
     lineage = json.loads((qdir / "quantmill.json").read_text())
     mlflow = mlflow_module()
-    scratch_root = store().root / "registering"
+    scratch_root = store().root / SCRATCH
     scratch_root.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f"{model_name}-", dir=scratch_root))
+    remove_abandoned_scratch(scratch_root)
+    experiment = experiment_id()
+    close_abandoned_runs(c, experiment)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{model_name}-", dir=scratch_root))
     try:
         folder = build_model_folder(qdir, scratch / MODEL_ARTIFACT)
         hashes = hash_files(folder)
         tags = {**lineage_tags(quantized, lineage), **gate_tags(gate_result)}
-        with mlflow.start_run(experiment_id=experiment_id(), run_name=model_name) as run:
+        with mlflow.start_run(experiment_id=experiment, run_name=model_name, tags={OWNER_TAG: owner_id()}) as run:
             params = _flat("recipe", recipe.model_dump(mode="json", exclude={"description", "gate"}), {})
             params.update({"source": lineage["source"], "calibration": json.dumps(lineage["calibration_spec"])})
             if evaluation:

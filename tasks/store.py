@@ -24,6 +24,7 @@ from typing import Any
 
 from quant.errors import QuantmillError
 from quant.hashing import canonical_json, sha256_text
+from tasks.processes import pid_alive
 
 # Bump a stage's version when its output for the same inputs changes: old entries stop matching.
 STAGE_VERSIONS = {
@@ -80,18 +81,6 @@ class Partial:
             return int(json.loads((self.path / PARTIAL / "progress.json").read_text())["done"]) + 1
         except (OSError, ValueError, KeyError, TypeError):
             return 0
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -196,7 +185,7 @@ class Store:
         for tmp in stage_dir.iterdir():
             parsed = _parse_tmp_name(tmp.name)
             if parsed is not None and tmp.is_dir():
-                found.append(Partial(stage, parsed[0], parsed[1], tmp, _pid_alive(parsed[1])))
+                found.append(Partial(stage, parsed[0], parsed[1], tmp, pid_alive(parsed[1])))
         return sorted(found, key=lambda p: last_modified(p.path), reverse=True)
 
     def collect(self, older_than_s: float, now: float | None = None) -> list[Partial]:
@@ -210,7 +199,7 @@ class Store:
                     removed.append(p)
             for trash in (self.root / stage).glob(f"{TRASH_PREFIX}*"):
                 pid = trash.name[len(TRASH_PREFIX) :].split("-", 1)[0]
-                if pid.isdigit() and not _pid_alive(int(pid)):
+                if pid.isdigit() and not pid_alive(int(pid)):
                     shutil.rmtree(trash, ignore_errors=True)
         return removed
 

@@ -92,3 +92,55 @@ def test_register_on_a_real_mlflow_server(prefect_api, tiny_model, home, tmp_pat
     _check_registered(out, "served")
     assert not (home / "mlflow").exists()  # everything went to the server
     _fetch_and_compare("served-w8a16-rtn", out["rows"][0], tmp_path)
+
+
+_DIES_WHILE_REGISTERING = """
+import os, sys, time
+from pathlib import Path
+from tasks.registry import OWNER_TAG, SCRATCH, experiment_id, mlflow_module, store, tracking_uri
+from tasks.processes import owner_id
+mlflow = mlflow_module()
+mlflow.set_tracking_uri(tracking_uri())
+scratch = store().root / SCRATCH / f"{os.getpid()}-tiny-w8a16-rtn-abc"
+scratch.mkdir(parents=True)
+(scratch / "model.safetensors").write_bytes(b"half a copy")
+run = mlflow.start_run(experiment_id=experiment_id(), run_name="tiny-w8a16-rtn", tags={OWNER_TAG: owner_id()})
+print(run.info.run_id, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_registration_killed_mid_way_is_closed_by_the_next_one(prefect_api, tiny_model, home):
+    """Issue 17 item 7: a process SIGKILLed while registering leaves its MLflow run RUNNING and its
+    scratch copy; the next registration marks that run KILLED and removes the copy. Runs of live
+    processes and of other hosts are left alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tasks.processes import owner_id
+    from tasks.registry import OWNER_TAG, SCRATCH, experiment_id
+
+    dying = subprocess.Popen([sys.executable, "-c", _DIES_WHILE_REGISTERING], cwd=Path(__file__).parent.parent,
+                             env={**os.environ, "QUANTMILL_HOME": str(home)}, stdout=subprocess.PIPE, text=True)
+    killed_run = dying.stdout.readline().strip()
+    assert killed_run, "the registering process did not start its run"
+    dying.send_signal(signal.SIGKILL)
+    dying.wait()
+    c = _client()
+    live_run = c.create_run(experiment_id(), tags={OWNER_TAG: owner_id()}).info.run_id  # this process: alive
+    elsewhere = c.create_run(experiment_id(), tags={OWNER_TAG: "another-host:1:1"}).info.run_id
+    assert c.get_run(killed_run).info.status == "RUNNING"
+
+    out = quantize_flow(model=str(tiny_model), recipes=["w8a16-rtn"], register_as="tiny", **SMALL)
+
+    assert out["rows"][0]["uri"] == "models:/tiny-w8a16-rtn/1"
+    closed = c.get_run(killed_run)
+    assert closed.info.status == "KILLED"
+    assert "died before the run ended" in closed.data.tags["quantmill.abandoned"]
+    assert c.get_run(live_run).info.status == "RUNNING"
+    assert c.get_run(elsewhere).info.status == "RUNNING"
+    assert list((home / SCRATCH).iterdir()) == []
+    registered = c.get_run(c.get_model_version("tiny-w8a16-rtn", "1").run_id)
+    assert registered.info.status == "FINISHED" and registered.data.tags[OWNER_TAG].split(":")[1] == str(os.getpid())

@@ -13,6 +13,7 @@ import pytest
 
 from quant.errors import DatasetError, QuantmillError
 from tasks import store as store_module
+from tasks.processes import pid_alive
 from tasks.store import MANIFEST, STAGE_VERSIONS, Store, StoreError, stage_key
 
 STAGE = "collect_stats"
@@ -160,7 +161,7 @@ def test_quantmill_error_is_the_base_of_user_errors() -> None:
 def test_stale_tmp_of_the_same_key_is_adopted_and_other_keys_partials_are_kept(store) -> None:
     """Issue 17, item 1: another key's build never deletes a killed run's partial results."""
     dead = _dead_pid()
-    assert not store_module._pid_alive(dead)
+    assert not pid_alive(dead)
     stage_dir = store.root / STAGE
     mine = stage_dir / f".tmp-{KEY}-{dead}"
     (mine / "partial").mkdir(parents=True)
