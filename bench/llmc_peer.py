@@ -15,13 +15,20 @@ import warnings
 
 warnings.filterwarnings("ignore")
 
-SCHEMES = ("w8-channel-rtn", "w4-g64-rtn", "w4-g64-gptq", "w4-channel-gptq", "w4-g64-awq")
+SCHEMES = ("w8-channel-rtn", "w4-g64-rtn", "w4-g64-gptq", "w4-channel-gptq", "w4-g64-awq", "w8a8-dynamic", "fp8-dynamic")
+# compressed-tensors' presets, as llm-compressor's own W8A8 and FP8 examples name them: int8 weights per
+# channel (symmetric) with int8 inputs per token at run time (symmetric, absmax / 127.5); fp8 e4m3
+# weights per channel with fp8 inputs per token at run time. Both rounded by QuantizationModifier
+# (RTN; FP8_DYNAMIC needs no calibration data, its examples run it so).
+PRESETS = {"w8a8-dynamic": "W8A8", "fp8-dynamic": "FP8_DYNAMIC"}
 
 
 def recipe_for(scheme: str):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
+    if scheme in PRESETS:
+        return [QuantizationModifier(targets=["Linear"], scheme=PRESETS[scheme], ignore=["lm_head"])]
     bits = 8 if scheme.startswith("w8") else 4
     strategy = "group" if "-g64-" in scheme else "channel"
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy=strategy, group_size=64 if strategy == "group" else None)
@@ -40,6 +47,20 @@ def recipe_for(scheme: str):
     raise SystemExit(f"unknown scheme {scheme!r} (known: {', '.join(SCHEMES)})")
 
 
+def cpu_only_pinning() -> None:
+    """llm-compressor 0.14's AWQ pins its cached block inputs (`IntermediatesCache.pin_memory`, called
+    before each mapping's grid search) so that later host-to-accelerator copies can be non-blocking.
+    Pinning needs an accelerator: on a CPU-only machine `Tensor.pin_memory()` raises and AWQ stops
+    before its first mapping. Without an accelerator nothing is ever copied to a device (the
+    onload target is the CPU), so skipping the pinning changes no number: the pin becomes a no-op
+    there, and only there (with an accelerator this function leaves llm-compressor untouched)."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -53,6 +74,7 @@ def main() -> None:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
+    cpu_only_pinning()
     torch.manual_seed(0)
     ids = torch.load(args.calib)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})

@@ -19,10 +19,14 @@ token ids, the same held-out windows, one scoring script.
    (licence texts, see its header): no recipe was chosen on it. `--eval stdlib:eval` (or any
    quantmill dataset spec) scores on another text.
 
-`--rows` picks rows; `--extra NAME=RECIPE` adds quantmill-only rows (a recipe name or file), where
+`--rows` picks rows and their order (both tools run them in that order); `--extra NAME=RECIPE` adds quantmill-only rows (a recipe name or file), where
 RECIPE@restricted uses the old 15-level grid (scale absmax / qmax), RECIPE@full the full grid at 8 bits
 too, for ablations. Results also go
-to WORK/results.json. A failing peer (llm-compressor's AWQ on a CPU) is a row with its error line.
+to WORK/results.json. Each row prints a JSON line with quantmill's half as soon as it is scored, then
+the whole row once llm-compressor's checkpoint is scored too (`--table` keeps a row's last line), so
+quantmill never waits for the peer mid-table. The stats stage runs only if a row's recipe reads
+the stats (RTN's clipping search, static input scales, SmoothQuant, LLM.int8()'s report); GPTQ,
+AWQ and dynamic-input RTN do not. A failing peer (llm-compressor's AWQ on a CPU) is a row with its error line.
 """
 
 from __future__ import annotations
@@ -53,6 +57,12 @@ ROWS = [
     ("W4 g64, GPTQ", "w4a16-gptq-g64", "w4-g64-gptq"),
     ("W4 per channel, GPTQ", "w4a16-gptq", "w4-channel-gptq"),
     ("W4 g64, AWQ", "w4a16-awq-g64", "w4-g64-awq"),
+    # 8-bit inputs: quantmill's W8A8 takes each token's [min, max] with a zero point, its FP8 runs
+    # GPTQ on the e4m3 grid (the issue's table); llm-compressor's are its W8A8 / FP8_DYNAMIC presets
+    # (symmetric per-token inputs, RTN weights). Same-scheme quantmill rows for both:
+    # --extra "...=w8a8-dynamic-sym" --extra "...=fp8-dynamic-rtn".
+    ("W8A8 int8 dynamic", "w8a8-dynamic", "w8a8-dynamic"),
+    ("FP8 dynamic", "fp8-dynamic", "fp8-dynamic"),
 ]
 
 
@@ -182,7 +192,8 @@ def main() -> None:
         # A JSON line may follow a progress bar's carriage returns on the same line.
         lines = [json.loads(m.group(0)) for m in re.finditer(r'\{"(?:meta|row)".*\}$', Path(args.table).read_text(), re.M)]
         meta = next(line["meta"] for line in lines if "meta" in line)
-        print_table(meta, [line for line in lines if "row" in line])
+        last = {line["row"]: line for line in lines if "row" in line}  # a row's whole line follows its quantmill half
+        print_table(meta, list(last.values()))
         return
 
     import torch
@@ -201,7 +212,7 @@ def main() -> None:
     calib_path, calibration = calibration_ids(folder, work, args.calib_samples, args.seq_len)
     windows = eval_windows(folder, args.eval, args.eval_windows, args.seq_len)
 
-    rows = [r for i, r in enumerate(ROWS, 1) if not args.rows or str(i) in args.rows]
+    rows = [ROWS[int(i) - 1] for i in args.rows] if args.rows else list(ROWS)
     rows += [(label, ref, None) for label, _, ref in (e.partition("=") for e in args.extra)]
 
     # llm-compressor's runs go one after another in a worker thread (each a subprocess) while this
@@ -209,7 +220,8 @@ def main() -> None:
     peer_python = str(Path(args.peer_python).absolute())
     pool = ThreadPoolExecutor(max_workers=1)
     peer_jobs = {}
-    for label, ref, scheme in rows:
+    # Its quick runs (RTN, no calibration pass) go first, so that they do not wait behind its GPTQ.
+    for label, ref, scheme in sorted(rows, key=lambda r: not quick_peer(r[2])):
         peer_out = work / "llmcompressor" / (scheme or "")
         if scheme and not args.no_peer and not (args.reuse and (peer_out / "config.json").is_file()):
             peer_jobs[scheme] = pool.submit(peer_quantize, peer_python, folder, calib_path, scheme, peer_out, work / f"peer-{scheme}.log")
@@ -220,7 +232,10 @@ def main() -> None:
     del float_model
     stats_dir = work / f"stats_{args.calib_samples}x{args.seq_len}"
     start = time.perf_counter()
-    if (stats_dir / "done").is_file():  # a rerun in the same WORK reuses them (their time is the first run's)
+    stats, stats_seconds = {}, None
+    if not any(needs_stats(ref) for _, ref, _ in rows):
+        pass  # no row reads them: MethodContext gets none, as for a recipe without a stats stage
+    elif (stats_dir / "done").is_file():  # a rerun in the same WORK reuses them (their time is the first run's)
         stats = load_stats(stats_dir)
         stats_seconds = json.loads((stats_dir / "done").read_text())["seconds"]
     else:
@@ -237,24 +252,57 @@ def main() -> None:
         "float": float_score, "stats_seconds": stats_seconds,
     }
     print(json.dumps({"meta": meta}), flush=True)
-    results = []
+    results, waiting = [], []
+
+    def finish_peers(block: bool) -> None:
+        """Score and print the rows whose llm-compressor run has ended (all of them with block)."""
+        for row in list(waiting):
+            job = peer_jobs.get(row["peer_scheme"])
+            if job is not None and not (block or job.done()):
+                continue
+            seconds, error = job.result() if job is not None else (None, None)
+            row["peer_seconds"], row["peer_error"] = seconds, error
+            if error is None:
+                row["peer"] = score(work / "llmcompressor" / row["peer_scheme"], windows, reference)
+            waiting.remove(row)
+            print(json.dumps(row), flush=True)
+
     for label, ref, scheme in rows:
         row = {"row": label, "quantmill_recipe": ref, "peer_scheme": scheme}
         out = work / "quantmill" / ref.replace("/", "_")
         if not (args.reuse and (out / "config.json").is_file()):
             row["quantmill_seconds"] = quantmill_quantize(folder, ref, calibration, stats, out)
         row["quantmill"] = score(out, windows, reference)
-        if scheme and not args.no_peer:
-            seconds, error = peer_jobs[scheme].result() if scheme in peer_jobs else (None, None)
-            row["peer_seconds"], row["peer_error"] = seconds, error
-            if error is None:
-                row["peer"] = score(work / "llmcompressor" / scheme, windows, reference)
         results.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(row), flush=True)  # quantmill's half; the whole row follows once the peer's is scored
+        if scheme and not args.no_peer:
+            waiting.append(row)
+        finish_peers(block=False)
+    finish_peers(block=True)
     pool.shutdown()
 
     (work / "results.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     print_table(meta, results)
+
+
+def quick_peer(scheme: str | None) -> bool:
+    """llm-compressor schemes rounded by QuantizationModifier alone (seconds, against GPTQ's and AWQ's
+    calibration passes)."""
+    return bool(scheme) and (scheme.endswith("-rtn") or scheme in ("w8a8-dynamic", "fp8-dynamic"))
+
+
+def needs_stats(ref: str) -> bool:
+    """Whether the quantmill recipe reads the stats stage's output: RTN with its clipping search or
+    static input scales, and the methods built on the stats (SmoothQuant, LLM.int8()'s report).
+    GPTQ and AWQ collect what they need on the calibration ids themselves; dynamic inputs have no
+    calibrated range."""
+    from quant.recipe import load_recipe
+
+    recipe = load_recipe(ref.partition("@")[0])
+    static = recipe.activations is not None and not recipe.activations.dynamic
+    if recipe.method in ("gptq", "awq"):
+        return static
+    return recipe.method != "rtn" or static or bool(recipe.options.get("clip_search", False))
 
 
 def print_table(meta: dict, results: list[dict]) -> None:
@@ -262,7 +310,8 @@ def print_table(meta: dict, results: list[dict]) -> None:
         return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
     print(f"\n{meta['date']}, {meta['machine']}; eval {meta['eval']} (float ppl {meta['float']['ppl']:.3f}); "
-          f"calibration {meta['calibration']}; quantmill stats stage {meta['stats_seconds']:.1f} s (shared by all rows, not in the times); "
+          f"calibration {meta['calibration']}; quantmill stats stage "
+          f"{'not run (no row reads it)' if meta['stats_seconds'] is None else format(meta['stats_seconds'], '.1f') + ' s (shared by all rows, not in the times)'}; "
           f"qm s = load + method + save, llmc s = its oneshot call only")
     header = ["row", "qm s", "llmc s", "time qm/llmc", "qm ppl", "llmc ppl", "qm KL", "llmc KL", "KL qm/llmc", "qm top1", "llmc top1"]
     print("| " + " | ".join(header) + " |")
