@@ -17,10 +17,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from quant.calibration import parse_spec
-from quant.errors import QuantmillError, RecipeError, SourceError
+from quant.calibration import load_text, parse_spec, tokenize_prefix
+from quant.errors import DatasetError, QuantmillError, RecipeError, SourceError
 from quant.recipe import Recipe, builtin_recipes, load_recipe, parse_recipe, yaml_documents
-from quant.sources import ModelSource, validate_source
+from quant.sources import ModelSource, load_tokenizer, validate_source
 from tasks.calibrate import CalibrationSpec, EvaluationSpec
 
 DEFAULT_RECIPES = ["w8a16-rtn", "w4a16-rtn-g64"]
@@ -143,6 +143,40 @@ def _max_positions(source: ModelSource) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
+MAX_CHECKED_DATASET_BYTES = 256 * 2**20  # larger files are checked for existence only, then read once by their stage
+
+
+def _check_dataset_file(what: str, spec: str, samples: int, seq_len: int, source: ModelSource) -> None:
+    """A dataset file must be readable, parse (every jsonl line, the parquet column) and hold at
+    least `samples` x `seq_len` tokens: a token is at least one byte, and a local model's own
+    tokenizer gives the exact count. Built-in and hub texts are checked by their stage."""
+    parsed = parse_spec(spec)
+    if parsed.kind != "file":
+        return
+    path = Path(parsed.target)
+    try:
+        size = path.stat().st_size
+        with path.open("rb"):
+            pass
+    except OSError as err:
+        raise DatasetError(f"{what} dataset {path}: cannot be read ({err.strerror})") from None
+    if size > MAX_CHECKED_DATASET_BYTES:
+        return
+    text = load_text(parsed)
+    need = samples * seq_len
+    where = f"{what} dataset {spec}"
+    if len(text.encode("utf-8")) < need:
+        raise DatasetError(f"{where} is too short: {len(text.encode('utf-8'))} bytes of text cannot give {samples} x {seq_len} = {need} tokens")
+    if source.kind == "dir" and (Path(source.target) / "tokenizer_config.json").is_file():
+        try:
+            tokenizer = load_tokenizer(Path(source.target))
+        except Exception:  # resolve names a tokenizer that does not load; here it only sharpens a count
+            return
+        have = tokenize_prefix(tokenizer, text, need).numel()
+        if have < need:
+            raise DatasetError(f"{where} is too short: {have} tokens, need {samples} x {seq_len} = {need}")
+
+
 def _form(cls: type[BaseModel], name: str, value: Any) -> Any:
     try:
         return cls.model_validate(_as_dict(value or {}))
@@ -193,6 +227,8 @@ def check_request(
     for what, length in (("calibration", calib.seq_len), ("evaluation", evals.seq_len)):
         if limit is not None and length > limit:
             raise QuantmillError(f"{what} seq_len {length} exceeds the model's max_position_embeddings {limit} ({model})")
+    _check_dataset_file("calibration", calib.dataset, calib.samples, calib.seq_len, source)
+    _check_dataset_file("evaluation", evals.dataset, evals.windows, evals.seq_len, source)
     if register_as and not re.match(NAME_PATTERN, register_as):
         raise QuantmillError(f"register name {register_as!r} must match {NAME_PATTERN}")
     return Plan(source, plans, calib, evals, _check_device(device))

@@ -82,10 +82,45 @@ def test_text_too_short_for_n_by_l_leaves_nothing_behind(cli_env, tiny_model, tm
     short = tmp_path / "short.txt"
     short.write_text("Only a few words of calibration text.")
     done = run_cli(["quantize", "--model", str(tiny_model), "--calib", str(short), *SMALL], cli_env)
-    assert_one_line_error(done, "too short", "8 x 64")
+    assert_one_line_error(done, "calibration dataset", "too short", "8 x 64 = 512")
     home = Path(cli_env["QUANTMILL_HOME"])
-    assert not leftovers(home)
-    assert not (home / "capture_calibration").exists() or not any((home / "capture_calibration").iterdir())
+    assert not home.exists() or not any(home.iterdir()), "checked before the first task: nothing computed"
+
+
+def test_dataset_files_are_checked_before_the_first_task(cli_env, tiny_model, tmp_path):
+    """Issue 17 item 4: unreadable, unparseable or short dataset files fail before any stage runs."""
+    home = Path(cli_env["QUANTMILL_HOME"])
+    missing = tmp_path / "gone.txt"
+    assert_one_line_error(run_cli(["quantize", "--model", str(tiny_model), "--calib", str(missing), *SMALL], cli_env),
+                          f"dataset file not found: {missing}")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    assert_one_line_error(run_cli(["quantize", "--model", str(tiny_model), "--eval", str(bad), *SMALL], cli_env), f"{bad}:2: not valid JSON")
+    short_eval = tmp_path / "eval.txt"
+    short_eval.write_text("x" * 100)
+    assert_one_line_error(run_cli(["quantize", "--model", str(tiny_model), "--eval", str(short_eval), *SMALL], cli_env),
+                          "evaluation dataset", "100 bytes of text cannot give 2 x 64 = 128 tokens")
+    assert not home.exists() or not any(home.iterdir())
+
+
+def test_a_local_models_tokenizer_gives_the_exact_count(tmp_path):
+    """Enough bytes but too few tokens: a word-level tokenizer makes one token of each word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from flows.params import _check_dataset_file
+    from quant.errors import DatasetError
+    from quant.sources import ModelSource
+
+    words = Tokenizer(models.WordLevel(vocab={"alpha": 0, "beta": 1, "<unk>": 2}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>").save_pretrained(tmp_path / "model")
+    text = tmp_path / "calib.txt"
+    text.write_text("alpha beta " * 100)  # 1,100 bytes, 200 tokens
+    source = ModelSource("dir", str(tmp_path / "model"))
+    _check_dataset_file("calibration", str(text), 4, 50, source)  # 200 tokens: enough
+    with pytest.raises(DatasetError, match=r"too short: 2\d\d tokens, need 8 x 64 = 512"):
+        _check_dataset_file("calibration", str(text), 8, 64, source)
 
 
 def test_bad_recipe_file_names_the_field(cli_env, tiny_model, tmp_path):
