@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,6 +23,7 @@ from quant.errors import DatasetError, QuantmillError, RecipeError, SourceError
 from quant.recipe import Recipe, builtin_recipes, load_recipe, parse_recipe, yaml_documents
 from quant.sources import ModelSource, load_tokenizer, validate_source
 from tasks.calibrate import CalibrationSpec, EvaluationSpec
+from tasks.store import default_root
 
 DEFAULT_RECIPES = ["w8a16-rtn", "w4a16-rtn-g64"]
 RecipeName = Literal[tuple(builtin_recipes())]  # type: ignore[valid-type]  # the form's multi-select
@@ -177,6 +179,17 @@ def _check_dataset_file(what: str, spec: str, samples: int, seq_len: int, source
             raise DatasetError(f"{where} is too short: {have} tokens, need {samples} x {seq_len} = {need}")
 
 
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Create `folder` if needed and write (then remove) a probe file in it: a read-only or full
+    disk is named before any work rather than after the first stage."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        raise QuantmillError(f"{what} {folder} is not writable ({err.strerror or err})") from None
+
+
 def _form(cls: type[BaseModel], name: str, value: Any) -> Any:
     try:
         return cls.model_validate(_as_dict(value or {}))
@@ -227,6 +240,7 @@ def check_request(
     for what, length in (("calibration", calib.seq_len), ("evaluation", evals.seq_len)):
         if limit is not None and length > limit:
             raise QuantmillError(f"{what} seq_len {length} exceeds the model's max_position_embeddings {limit} ({model})")
+    check_writable_folder(default_root(), "the store (QUANTMILL_HOME)")
     _check_dataset_file("calibration", calib.dataset, calib.samples, calib.seq_len, source)
     _check_dataset_file("evaluation", evals.dataset, evals.windows, evals.seq_len, source)
     if register_as and not re.match(NAME_PATTERN, register_as):

@@ -85,6 +85,25 @@ def _gate_option(max_ppl_ratio: float | None, max_kl: float | None, min_top1: fl
         raise QuantmillError(f"{option}: {first['msg']}") from None
 
 
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
+def _check_plot_path(plot: str) -> None:
+    """--plot is written after all the work: a bad path is refused before it starts."""
+    from pathlib import Path
+
+    from flows.params import check_writable_folder
+
+    path = Path(plot)
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise QuantmillError(f"--plot {plot}: use a {', '.join(PLOT_FORMATS)} file name")
+    if path.is_dir():
+        raise QuantmillError(f"--plot {plot}: is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise QuantmillError(f"--plot {plot}: folder {path.parent} does not exist")
+    check_writable_folder(path.parent, "--plot folder")
+
+
 @app.command()
 def quantize(
     model: str = typer.Option("demo", "--model", "-m", help="demo | hf:ORG/NAME[@REV] | DIR | FILE.gguf | models:/NAME@ALIAS"),
@@ -120,6 +139,8 @@ def quantize(
             model, recipes, None, dict(dataset=calib, samples=calib_samples, seq_len=seq_len, seed=seed),
             dict(dataset=eval_spec, windows=eval_windows, seq_len=seq_len), device, allow_pickle, register,
         )
+        if plot:
+            _check_plot_path(plot)
         recipe_names, recipe_yaml = split_recipes(recipes)
         gate = _gate_option(gate_max_ppl_ratio, gate_max_kl, gate_min_top1)
         from flows.quantize import quantize_flow

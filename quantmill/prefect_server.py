@@ -63,6 +63,16 @@ def _wait_healthy(process: subprocess.Popen, url: str, timeout: float) -> None:
     raise QuantmillError(f"the temporary Prefect server did not answer within {timeout:g} s (raise {STARTUP_TIMEOUT_ENV}, or set PREFECT_API_URL to use a running server)")
 
 
+def _drain_prefect_workers() -> None:
+    """Send the logs and events Prefect still queues while the server is up (after it stops they
+    would fail, printing `Error logging to API` after the CLI's own last line)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=10)
+
+
 def _stop(process: subprocess.Popen) -> None:
     process.terminate()
     try:
@@ -90,6 +100,9 @@ def prefect_api() -> Iterator[str | None]:
     try:
         _wait_healthy(process, url, timeout)
         with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield url
+            try:
+                yield url
+            finally:
+                _drain_prefect_workers()
     finally:
         _stop(process)

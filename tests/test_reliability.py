@@ -221,3 +221,35 @@ def test_two_identical_runs_at_once_both_succeed_with_one_entry_per_stage(cli_en
     for stage, n in (("resolve_model", 1), ("capture_calibration", 1), ("collect_stats", 1), ("quantize", 1), ("evaluate", 2)):
         assert len(_entries(home, stage)) == n, stage
     assert not leftovers(home)
+
+
+def _read_only_mount_command(folder: Path, command: list[str]) -> list[str]:
+    """COMMAND in a private mount namespace where FOLDER is a read-only bind mount: the only way to
+    make a folder read-only for root, who ignores permission bits."""
+    import shlex
+
+    mount = f"mount --bind {shlex.quote(str(folder))} {shlex.quote(str(folder))} && mount -o remount,bind,ro {shlex.quote(str(folder))}"
+    return ["unshare", "--mount", "sh", "-c", f"{mount} && exec {shlex.join(command)}"]
+
+
+def test_a_read_only_store_is_named_before_any_work(cli_env, tiny_model, tmp_path):
+    """Issue 17 scope: output paths writable, checked before the first task."""
+    store = Path(cli_env["QUANTMILL_HOME"])
+    store.mkdir(parents=True)
+    probe = subprocess.run(_read_only_mount_command(store, ["touch", str(store / "x")]), capture_output=True, text=True)
+    if "Read-only file system" not in probe.stderr:
+        pytest.skip(f"this kernel refuses a private read-only bind mount: {probe.stderr.strip()[:200]}")
+    done = subprocess.run(_read_only_mount_command(store, [sys.executable, "-m", "quantmill.cli", "quantize", "--model", str(tiny_model), "--recipe", "w8a16-rtn", *SMALL]),
+                          cwd=REPO, env={**os.environ, **cli_env}, capture_output=True, text=True, timeout=600)
+    assert_one_line_error(done, f"error: the store (QUANTMILL_HOME) {store} is not writable (Read-only file system)")
+    assert done.returncode == 2
+    assert list(store.iterdir()) == []
+
+
+def test_a_plot_path_that_cannot_be_written_is_refused_before_any_work(cli_env, tiny_model, tmp_path):
+    base = ["quantize", "--model", str(tiny_model), "--recipe", "w8a16-rtn", *SMALL]
+    store = Path(cli_env["QUANTMILL_HOME"])
+    assert_one_line_error(run_cli([*base, "--plot", str(tmp_path / "nowhere" / "p.png")], cli_env), f"error: --plot {tmp_path}/nowhere/p.png: folder {tmp_path}/nowhere does not exist")
+    assert_one_line_error(run_cli([*base, "--plot", str(tmp_path / "p.txt")], cli_env), "error: --plot", "use a .png, .pdf, .svg file name")
+    assert_one_line_error(run_cli([*base, "--plot", str(tmp_path)], cli_env), "use a .png")
+    assert not store.exists() or not any(store.iterdir())
