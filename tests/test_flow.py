@@ -88,6 +88,8 @@ def test_results_carry_lineage_and_metrics(prefect_api, tiny_model: Path, home: 
         ({"evaluation": {"seq_len": 2048}}, "evaluation seq_len 2048 exceeds the model's max_position_embeddings 1024"),
         ({"device": "tpu"}, "unknown device 'tpu'"),
         ({"register_as": "no spaces"}, "register name 'no spaces' must match"),
+        ({"register_as": "o'brien"}, "register name \"o'brien\" must match"),  # never pasted into an MLflow filter
+        ({"register_as": "../x"}, "register name '../x' must match"),  # refused before the work, not by MLflow after it
     ],
 )
 def test_check_request_names_the_bad_value(tiny_model: Path, change, message):
