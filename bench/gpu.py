@@ -1,7 +1,7 @@
 """quantmill's own methods on a synthetic Llama-3-8B-shaped model: time per block, total, peak
 device memory and peak host memory (issue 19, item 5).
 
-    nice -n 10 .venv/bin/python bench/gpu.py --device cuda --blocks 4            # on a GPU
+    python3 bench/gpu.py --device cuda --blocks 3          # on a GPU (bench/device_check.sh runs this)
     .venv/bin/python bench/gpu.py --shape tiny --device cpu --calib-samples 16 --seq-len 64
 
 What it runs: the library calls the pipeline's stages make, not a re-implementation.
@@ -25,17 +25,20 @@ The calibration set is N x L token ids drawn uniformly at random over the vocabu
 enough for timing and memory, meaningless for quality. Each method starts from the same float
 weights (restored from a copy between rows).
 
-Columns. Linears: the Linears quantized (stats: the Linear inputs recorded). s/block: mean wall time between the engine's per-block callbacks, after the first block
-(the first also holds the capture of block 0's inputs and any warm-up; with one block it is used
-as is). This includes the partial-folder writes. total: the method call's wall time. total@FULL:
-extrapolated to every block of the shape = the measured blocks + (FULL - k) x s/block + the time
-outside the blocks x FULL / k (that time, e.g. smoothquant's final RTN pass over every Linear,
-grows with the number of blocks); for rtn, which does not walk blocks, total x FULL / k. device
-peak: torch.cuda.max_memory_allocated over the row. budget: issue 19's target for the peak device
+Columns. Linears: the Linears quantized (stats: the Linear inputs recorded). s/block: mean wall
+time between the engine's per-block callbacks, after the first block (the first also holds the
+capture of block 0's inputs and any warm-up; with one block it is used as is). This includes the
+partial-folder writes. total: the method call's wall time. total@FULL: extrapolated to every block
+of the shape = the measured blocks + (FULL - k) x s/block + the time outside the blocks x FULL / k
+(that time, e.g. smoothquant's final RTN pass over every Linear, grows with the number of blocks);
+for rtn, which does not walk blocks, total x FULL / k. device peak:
+torch.cuda.max_memory_allocated over the row. budget: issue 19's target for the peak device
 memory, one decoder block's weights + the calibration activations (N x L x hidden in the model's
 dtype) + 2 GB. host peak: the process's peak resident set over the row (Linux VmHWM, reset before
-each row), which includes the float model's host copy (host base, the resident set when the row
-starts). GB are 10^9 bytes.
+each row), which includes the float model's host copy and the bench's copy of the blocks' float
+weights (host base, the resident set when the row starts). GB are 10^9 bytes. rtn quantizes where
+the model lies, on the host, whatever --device says (quant/methods.py), as does smoothquant's
+final RTN pass: on a GPU machine those rows time its CPU.
 """
 
 from __future__ import annotations
