@@ -73,13 +73,13 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        rope_theta=500000.0,  # LlamaConfig turns it into rope_parameters
     ),
     # Small enough for a CPU test; widths divisible by 128 so the g128 recipes apply unchanged.
     "tiny": dict(
         hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048, rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        rope_theta=500000.0,  # LlamaConfig turns it into rope_parameters
     ),
 }
 # method -> the built-in recipe it runs (group size replaced by --group-size where it has groups)
