@@ -123,7 +123,9 @@ def test_a_registration_killed_mid_way_is_closed_by_the_next_one(prefect_api, ti
     from tasks.registry import OWNER_TAG, SCRATCH, experiment_id
 
     dying = subprocess.Popen([sys.executable, "-c", _DIES_WHILE_REGISTERING], cwd=Path(__file__).parent.parent,
-                             env={**os.environ, "QUANTMILL_HOME": str(home)}, stdout=subprocess.PIPE, text=True)
+                             # mlflow.set_tracking_uri exports an earlier test's store URI: drop it
+                             env={**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "QUANTMILL_HOME": str(home)},
+                             stdout=subprocess.PIPE, text=True)
     killed_run = dying.stdout.readline().strip()
     assert killed_run, "the registering process did not start its run"
     dying.send_signal(signal.SIGKILL)
