@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from tasks.registry import CHECKPOINT_TAG, GATE_TAG, SOURCE_TAG, checkpoint_hashes
-from tasks.tracking import RegistryError, client, get_version, tracking_uri
+from tasks.tracking import RegistryError, check_model_name, client, get_version, tracking_uri
 
 ALIAS_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 PROMOTION_TAG = "quantmill.promoted."
@@ -54,6 +54,10 @@ def list_versions(pattern: str = "") -> list[dict[str, Any]]:
     like = "%" + pattern.replace("*", "%") + "%"
     rows = []
     for model in c.search_registered_models(filter_string=f"name LIKE '{like}'", max_results=1000):
+        try:
+            check_model_name(model.name)  # quantmill's names only: another tool's "a'b" would break the filter below
+        except RegistryError:
+            continue
         for version in sorted(c.search_model_versions(f"name='{model.name}'"), key=lambda v: int(v.version)):
             if "quantmill.quantized_key" in version.tags:
                 rows.append(_row(c, version, dict(model.aliases or {})))

@@ -256,3 +256,12 @@ def test_unreachable_server_keeps_the_work_and_register_replays_it(prefect_api, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     version = _client().get_model_version_by_alias("later-w8a16-rtn", "candidate")
     assert version.tags["quantmill.quantized_key"] == entries[0]
+
+
+def test_models_lists_around_another_tools_model_whose_name_has_a_quote(registered, home):
+    """MLflow filter strings cannot escape a quote: a foreign registered model named `tiny'x` must
+    not break `quantmill models` (issue 17 item 4: names are never pasted into filters unchecked)."""
+    _client().create_registered_model("tiny'x")
+    done = run_cli(["models", "tiny", "--json"], _cli_env())
+    assert done.returncode == 0, done.stderr
+    assert [r["uri"] for r in json.loads(done.stdout)] == ["models:/tiny-w8a16-rtn/1"]
