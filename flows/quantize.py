@@ -41,7 +41,13 @@ from tasks.stats import collect_stats
 LONG_COLUMNS = ("quantized_key", "checkpoint")  # the results table shows these last
 GPU_LIMIT = "gpu"  # the global concurrency limit that keeps quantize runs on one host apart
 
-GateParam = Annotated[QualityGate | None, Field(json_schema_extra=ui("Quality gate", "Optional: refuse to register a result worse than this (in addition to a recipe's own gate)."))]
+# A plain object, not `QualityGate | None`: the form shows its three limits at once (an optional
+# object renders as a type switch); leaving them empty means no limit, and None is still accepted.
+GateParam = Annotated[
+    QualityGate,
+    BeforeValidator(lambda v: QualityGate() if v is None else v),
+    Field(json_schema_extra=ui("Quality gate", "Optional limits: a result worse than any of them is registered as failed, without an alias (in addition to a recipe's own gate). Leave empty for none.")),
+]
 
 
 def _run(task, *args: Any, **kwargs: Any) -> tuple[dict[str, Any], bool, str]:
@@ -126,7 +132,7 @@ def quantize_flow(
     calibration: CalibrationParam = CalibrationForm(),
     evaluation: EvaluationParam = EvaluationForm(),
     register_as: RegisterParam = "",
-    gate: GateParam = None,
+    gate: GateParam = QualityGate(),
     allow_pickle: PickleParam = False,
     device: Annotated[DeviceParam, BeforeValidator(lambda v: "auto" if v is None else v)] = "auto",
 ) -> dict[str, Any]:

@@ -83,9 +83,9 @@ class QualityGate(_Strict):
     """Limits a result must meet to get an alias: a failing one is registered, marked failed,
     and cannot be promoted. Every version also passes a generation smoke test (tasks/gate.py)."""
 
-    max_ppl_ratio: float | None = Field(default=None, gt=1.0, description="highest quantized / float perplexity allowed")
-    max_kl: float | None = Field(default=None, gt=0.0, description="highest mean KL(P_float || P_quantized) allowed")
-    min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0, description="lowest share of unchanged top-1 next tokens allowed")
+    max_ppl_ratio: float | None = Field(default=None, gt=1.0, title="Highest ppl ratio", description="highest quantized / float perplexity allowed")
+    max_kl: float | None = Field(default=None, gt=0.0, title="Highest KL", description="highest mean KL(P_float || P_quantized) allowed")
+    min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0, title="Lowest top-1 agreement", description="lowest share of unchanged top-1 next tokens allowed")
 
     def merged(self, override: "QualityGate | None") -> "QualityGate":
         """This gate with the limits `override` sets replacing ours (a flow or CLI parameter wins)."""

@@ -38,6 +38,8 @@ def limit_failures(gate: QualityGate | None, metrics: dict[str, Any]) -> list[st
 
 
 def effective_gate(recipe_gate: QualityGate | None, override: QualityGate | None) -> QualityGate | None:
+    if override is not None and not override.model_dump(exclude_none=True):
+        override = None  # the form's empty gate: no limits (the same cache key as no gate)
     if recipe_gate is None:
         return override
     return recipe_gate.merged(override)

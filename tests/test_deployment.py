@@ -27,7 +27,7 @@ def form(source: str, **changes) -> dict:
         "calibration": {"dataset": "stdlib:calib", "samples": 8, "seq_len": 64, "seed": 0},
         "evaluation": {"dataset": "stdlib:eval", "windows": 2, "seq_len": 64},
         "register_as": "",
-        "gate": None,
+        "gate": {},
         "allow_pickle": False,
         "device": "cpu",
     }

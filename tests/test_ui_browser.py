@@ -96,6 +96,10 @@ def test_a_person_runs_quantize_from_the_form(tmp_path):
                 _field(page, "Windows (K)").locator("input").fill("2")
                 _field(page, "Tokens per window").locator("input").fill("64")
                 _field(page, "Register as").locator("textarea").fill("browser")
+                # The gate's three limits show at once (each an optional number: its "float" button, then the value).
+                limit = _field(page, "Highest ppl ratio")
+                limit.get_by_role("button", name="float").click()
+                limit.locator("input").fill("50")
                 assert _toggle_options(page, "Device", ["cpu"]) == ["auto", "cpu", "cuda"]
                 assert _field(page, "Built-in recipes").locator(".p-tag").all_inner_texts() == ["w8a16-rtn", "w4a16-rtn"]
                 page.get_by_text("Run Name", exact=True).scroll_into_view_if_needed()
@@ -112,6 +116,7 @@ def test_a_person_runs_quantize_from_the_form(tmp_path):
                 assert len(runs) == 1, runs
                 run = runs[0]
                 assert run["parameters"]["recipes"] == ["w8a16-rtn", "w4a16-rtn"] and run["parameters"]["device"] == "cpu"
+                assert run["parameters"]["gate"]["max_ppl_ratio"] == 50
                 page.goto(f"{ui}/runs/flow-run/{run['id']}")
                 page.locator(".page-heading-flow-run__meta .state-badge.state--completed").wait_for(timeout=600_000)
                 page.locator("li.p-tab#artifacts").click()
