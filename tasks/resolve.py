@@ -24,6 +24,7 @@ from quant.sources import (
     parse_source,
 )
 from tasks.common import entry_result, log, store, store_cache_key
+from tasks.hash_cache import cached_sha256, forget
 from tasks.store import stage_key
 
 STAGE = "resolve_model"
@@ -62,10 +63,10 @@ def source_identity(source: str, allow_pickle: bool = False) -> dict[str, Any]:
     if parsed.kind == "mlflow":
         return {"kind": "mlflow", "uri": resolve_mlflow_uri(parsed.target)[0]}
     if parsed.kind == "gguf":
-        return {"kind": "gguf", "sha256": sha256_file(parsed.target)}
+        return {"kind": "gguf", "sha256": cached_sha256(parsed.target)}
     folder = Path(parsed.target)
     check_causal_lm(folder)
-    files = {k: v for k, v in hash_files(folder).items() if "/" not in k}
+    files = {p.name: cached_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}  # top level: the checkpoint
     return {"kind": "dir", "files": files, "allow_pickle": allow_pickle}
 
 
@@ -101,6 +102,16 @@ def _materialize(parsed: ModelSource, dst: Path, allow_pickle: bool, identity: d
     return info
 
 
+def _check_copy_matches(folder: Path, identity: dict[str, str], copied: dict[str, str]) -> None:
+    """The copy must hold the bytes the key was computed from: a file rewritten meanwhile (or one
+    whose remembered hash is stale, tasks/hash_cache.py) fails here and is hashed afresh next time."""
+    changed = sorted(name for name, digest in copied.items() if name in identity and identity[name] != digest)
+    for name in changed:
+        forget(folder / name)
+    if changed:
+        raise SourceError(f"{folder}: {', '.join(changed)} changed while the checkpoint was read; run again")
+
+
 @task(
     name="resolve_model",
     cache_key_fn=store_cache_key(lambda p: (STAGE, resolve_key(p["source"], p.get("allow_pickle", False)))),
@@ -120,6 +131,8 @@ def resolve_model(source: str, allow_pickle: bool = False) -> dict[str, Any]:
         info = _materialize(parse_source(source), ckpt, allow_pickle, identity)
         verify_checkpoint(ckpt, label=source)  # every tensor present, shaped and finite; tokenizer loads: or nothing is committed
         files = hash_files(ckpt)
+        if identity["kind"] == "dir":
+            _check_copy_matches(Path(parse_source(source).target), identity["files"], files)
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(ckpt)
