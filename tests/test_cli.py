@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tasks.store import STAGE_VERSIONS
 from tests.conftest import REPO, run_cli
 from tests.tiny import make_tiny_llama
 
@@ -31,10 +32,13 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> N
 
 
 def leftovers(home: Path) -> list[Path]:
-    """Folders in the store that are not finished entries (a tmp folder, or no manifest)."""
-    if not home.exists():
-        return []
-    return [p for stage in home.iterdir() if stage.is_dir() and stage.name not in ("mlflow", "downloads") for p in stage.iterdir() if not (p / "manifest.json").is_file()]
+    """Folders in the store's stages that are not finished entries (a tmp folder, or no manifest).
+
+    Only stage folders count: the store also holds MLflow's files, downloads and remembered
+    file hashes, none of which are stage entries.
+    """
+    stages = [home / stage for stage in STAGE_VERSIONS if (home / stage).is_dir()]
+    return [p for stage in stages for p in stage.iterdir() if not (p / "manifest.json").is_file()]
 
 
 @pytest.fixture

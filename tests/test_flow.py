@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,17 +16,20 @@ SMALL = dict(calibration=CalibrationSpec(samples=8, seq_len=64), evaluation=Eval
 SHARED = ("resolve_model", "capture_calibration", "collect_stats", "evaluate float")
 
 
-def _flow_logs(flow_run_id: str) -> list[str]:
+def _flow_logs(flow_run_id: str, wanted: Callable[[list[str]], bool], timeout_s: float = 60.0) -> list[str]:
+    """The flow run's log lines once `wanted` holds for them (or the timeout passes)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    import time
 
-    # Run logs reach the API in the background: poll until the flow's last line has arrived.
+    # Run logs reach the API in the background, in batches and not in order: a task's
+    # "Finished in state" line can arrive before the flow's own line about it, so wait for
+    # the lines themselves.
     messages: list[str] = []
+    deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
-        for _ in range(60):
+        while time.monotonic() < deadline:
             messages = [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
-            if any("Finished in state" in m for m in messages):
+            if wanted(messages):
                 break
             time.sleep(0.5)
     return messages
@@ -43,9 +48,14 @@ def test_second_run_is_cached_and_a_new_recipe_reuses_the_shared_stages(prefect_
     by_stage = {s["stage"]: s for s in third["stages"]}
     assert all(by_stage[name]["cached"] for name in SHARED)
     assert not by_stage["quantize w4a16-rtn-g64"]["cached"]
-    logs = _flow_logs(third["flow_run_id"])
-    for name in ("resolve_model", "capture_calibration", "collect_stats"):
-        assert any(name in line and "cached" in line and by_stage[name]["key"] in line for line in logs), name
+    names = ("resolve_model", "capture_calibration", "collect_stats")
+
+    def says_cached(lines: list[str], name: str) -> bool:
+        return any(name in line and "cached" in line and by_stage[name]["key"] in line for line in lines)
+
+    logs = _flow_logs(third["flow_run_id"], lambda lines: all(says_cached(lines, n) for n in names))
+    for name in names:
+        assert says_cached(logs, name), name
 
 
 def test_an_entry_deleted_by_hand_is_recomputed(prefect_api, tiny_model: Path, home: Path):
