@@ -62,6 +62,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 warnings.filterwarnings("ignore")
 
+from quantmill.threads import prefer_passive_waits  # noqa: E402
+
+prefer_passive_waits()  # before torch (quantmill/threads.py says why)
+
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
@@ -193,7 +197,7 @@ def measure(label: str, recipe_name: str, device: torch.device, blocks: int, ful
 def run(args: argparse.Namespace, on_row=None) -> dict[str, Any]:
     """The stats row, then one row per method; `on_row(result so far)` after each row."""
     from quant.methods import METHODS, MethodContext
-    from quant.sequential import pick_device, return_large_frees_to_os
+    from quant.sequential import pick_device
     from quant.stats import collect_stats
     import transformers
 
@@ -204,7 +208,6 @@ def run(args: argparse.Namespace, on_row=None) -> dict[str, Any]:
         raise SystemExit(f"--blocks must be in 1..{full_blocks}")
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype)
-    return_large_frees_to_os()  # as the quantize stage does before loading the model
     from transformers import LlamaForCausalLM  # noqa: F401  (imported outside the build's time)
 
     t0 = time.perf_counter()

@@ -49,6 +49,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 warnings.filterwarnings("ignore")
 
+from quantmill.threads import prefer_passive_waits  # noqa: E402
+
+prefer_passive_waits()  # before torch, for both tools (quantmill/threads.py says why)
+
 HELDOUT = REPO / "bench" / "data" / "heldout.txt"
 # (row, quantmill recipe, llm-compressor scheme of bench/llmc_peer.py)
 ROWS = [

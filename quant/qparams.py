@@ -137,12 +137,16 @@ def search_clip_qparams(
     wg = wg.float()
     lo, hi = wg.amin(dim=2), wg.amax(dim=2)
     imp = None if importance is None else importance.float().to(wg.device).clamp_min(0).unsqueeze(0)
+    qmin, qmax = int_range(bits)
     best_err = best_scale = best_zp = None
     for r in search.ratios():
         scale, zp = compute_qparams(lo * r, hi * r, bits, symmetric, full_range)
-        deq = dequantize(quantize(wg, scale.unsqueeze(-1), zp.unsqueeze(-1), bits), scale.unsqueeze(-1), zp.unsqueeze(-1))
-        d2 = (deq - wg).square()
-        err = (d2 * imp if imp is not None else d2).sum(dim=2)
+        s, z = scale.unsqueeze(-1), zp.unsqueeze(-1).float()
+        # dequantize(quantize(wg)) - wg in one buffer: the same float32 operations in the same
+        # order as `quantize` and `dequantize` (the int32 round trip of integers in range is exact),
+        # so the same bits, without ten temporaries the size of the weight per ratio.
+        d2 = (wg / s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s).sub_(wg).square_()
+        err = (d2.mul_(imp) if imp is not None else d2).sum(dim=2)
         if best_err is None:
             best_err, best_scale, best_zp = err, scale, zp
             continue

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import json
+from quantmill.threads import prefer_passive_waits
+
+prefer_passive_waits()  # before torch is imported (quantmill/threads.py says why)
+
+import json  # noqa: E402
 import logging
 import os
 import sys

@@ -19,7 +19,7 @@ from quant.checkpoint import save_quantized
 from quant.errors import QuantmillError, RecipeError
 from quant.methods import METHOD_VERSIONS, METHODS, MethodContext, target_linears
 from quant.recipe import Recipe
-from quant.sequential import finished_blocks, pick_device, release_host_memory, return_large_frees_to_os
+from quant.sequential import finished_blocks, large_frees_returned_to_os, pick_device, release_host_memory
 from quant.sources import load_model
 from quant.stats import load_stats
 from tasks.calibrate import read_token_table
@@ -87,7 +87,6 @@ def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str
         return entry_result(found, reused=True)
     with s.build(STAGE, key) as tmp:
         start = time.perf_counter()
-        return_large_frees_to_os()  # replaced float weights leave the resident set (peak host memory)
         src = checkpoint_dir(model)
         net = load_model(src)
         if not target_linears(net, recipe):  # a degenerate result is refused, not cached
@@ -117,10 +116,11 @@ def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str
         modules = len(result.weights)
         if modules == 0:
             raise QuantmillError(f"recipe {recipe.name}: method {recipe.method} quantized 0 modules; nothing committed")
-        save_quantized(
-            net, result.weights, recipe, tmp / "checkpoint", {**lineage(model, calibration, stats, recipe, key), **result.notes},
-            tokenizer_dir=src, input_qparams=result.input_qparams, release_weights=True,
-        )
+        with large_frees_returned_to_os():  # the released float weights leave the resident set
+            save_quantized(
+                net, result.weights, recipe, tmp / "checkpoint", {**lineage(model, calibration, stats, recipe, key), **result.notes},
+                tokenizer_dir=src, input_qparams=result.input_qparams, release_weights=True,
+            )
         if result.report:
             columns = sorted({k for row in result.report for k in row})
             pq.write_table(pa.table({c: [json.dumps(r.get(c)) if isinstance(r.get(c), (list, dict)) else r.get(c) for r in result.report] for c in columns}), tmp / "report.parquet")

@@ -21,6 +21,10 @@ os.environ["QUANTMILL_HOME"] = str(_SESSION_HOME / "quantmill")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 warnings.filterwarnings("ignore", message=".*noload.*")
 
+from quantmill.threads import prefer_passive_waits  # noqa: E402
+
+prefer_passive_waits()  # before torch: the suite shares its cores with the servers it starts
+
 import pytest  # noqa: E402
 
 from tests.tiny import make_tiny_llama  # noqa: E402
