@@ -9,7 +9,8 @@ token ids, the same held-out windows, one scoring script.
    (`stdlib:calib`, 64 x 512, seed 0: the calibration stage's sampling) and go to llm-compressor
    as a file (`calib_ids.pt`), so both tools see the same tokens.
 2. Each row quantizes with quantmill in this process (load, method, save: the stage's work without
-   the store; the activation stats are computed once and timed on their own) and with
+   the store; the method alone is timed, as the peer's `oneshot` is; the activation stats are
+   computed once and timed on their own) and with
    llm-compressor in a subprocess of .venv-llmc (bench/llmc_peer.py, its `oneshot` timed). The
    peer's runs go one after another in a worker thread while quantmill's rows run, so the two
    tools quantize at the same time under the same machine load (on 2 cores each gets about one).
@@ -133,7 +134,8 @@ def score(folder: Path, windows, reference: list) -> dict:
 
 
 def quantmill_quantize(folder: Path, ref: str, calibration, stats, out: Path) -> float:
-    """quantmill's quantize stage without the store: load, method, save. Returns its seconds."""
+    """quantmill's quantize stage without the store: load, method, save. Returns the method's
+    seconds: the span the peer's `oneshot` covers (its model is loaded before and saved after)."""
     import torch
 
     import quant.qparams as qparams
@@ -150,13 +152,13 @@ def quantmill_quantize(folder: Path, ref: str, calibration, stats, out: Path) ->
     elif variant == "full":  # ablation: the full grid at every width (8 bits included)
         qparams.weight_full_range = lambda bits: True
     try:
-        start = time.perf_counter()
         net = load_model(folder)
+        start = time.perf_counter()
         ctx = MethodContext(model=net, recipe=recipe, stats=stats, calibration=calibration, device=torch.device("cpu"))
         result = METHODS[recipe.method](ctx)
+        seconds = time.perf_counter() - start
         save_quantized(net, result.weights, recipe, out, {"bench": "vs_llmcompressor"}, tokenizer_dir=folder,
                        input_qparams=result.input_qparams, release_weights=True)
-        seconds = time.perf_counter() - start
     finally:
         qparams.weight_full_range = full_range
     del net, ctx, result
@@ -316,7 +318,7 @@ def print_table(meta: dict, results: list[dict]) -> None:
     print(f"\n{meta['date']}, {meta['machine']}; eval {meta['eval']} (float ppl {meta['float']['ppl']:.3f}); "
           f"calibration {meta['calibration']}; quantmill stats stage "
           f"{'not run (no row reads it)' if meta['stats_seconds'] is None else format(meta['stats_seconds'], '.1f') + ' s (shared by all rows, not in the times)'}; "
-          f"qm s = load + method + save, llmc s = its oneshot call only")
+          f"qm s = the method (load and save apart), llmc s = its oneshot call (the same span)")
     header = ["row", "qm s", "llmc s", "time qm/llmc", "qm ppl", "llmc ppl", "qm KL", "llmc KL", "KL qm/llmc", "qm top1", "llmc top1"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
