@@ -207,3 +207,50 @@ def test_batch_size_changes_only_the_per_batch_extremes(model, ids, stats) -> No
             torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=1e-5, atol=1e-6)
         assert torch.equal(a.outliers, b.outliers) and a.count == b.count
         assert a.batch_max.shape == (1,) and float(a.batch_max[0]) == pytest.approx(float(b.batch_max.max()), rel=1e-5)
+
+
+def test_the_save_schedule_keeps_saving_near_its_share_of_the_walk() -> None:
+    from quant.sequential import SaveSchedule
+
+    now = [0.0]
+    schedule = SaveSchedule(share=0.1, clock=lambda: now[0])
+    assert schedule.due()  # the first block is always saved: its cost is not known yet
+    now[0] = 2.0
+    schedule.saved(started=0.0)  # that save took 2 s
+    now[0] = 19.9
+    assert not schedule.due()  # 17.9 s of work since: under 9 x 2 s
+    now[0] = 20.0
+    assert schedule.due()
+    schedule.saved(started=19.99)  # a cheap save: due again after 0.09 s of work
+    now[0] = 20.1
+    assert schedule.due()
+
+
+def test_blocks_between_saves_are_written_with_the_next_save_and_resume_identically(model, ids, stats, tmp_path) -> None:
+    """A schedule due at every other block: block 0 waits and is written with block 1; a crash in
+    block 2 leaves both, and the resumed walk gives the uninterrupted stats."""
+    from quant.sequential import SaveSchedule
+
+    class EveryOther(SaveSchedule):
+        calls = 0
+
+        def due(self) -> bool:
+            self.calls += 1
+            return self.calls % 2 == 0
+
+    visit = _block_visitor(4096)
+
+    def crash_at_2(index, block, inputs, forward):
+        if index == 2:
+            raise RuntimeError("killed")
+        return visit(index, block, inputs, forward)
+
+    partial = tmp_path / "partial"
+    with pytest.raises(RuntimeError, match="killed"):
+        run_sequential(model, ids, crash_at_2, device=CPU, batch_size=BATCH, partial_dir=partial, schedule=EveryOther())
+    assert json.loads((partial / "progress.json").read_text()) == {"done": 1}
+    assert (partial / "block-0000.safetensors").is_file() and (partial / "block-0001.safetensors").is_file()
+    visited: list[int] = []
+    resumed = collect_stats(model, ids, CPU, batch_size=BATCH, partial_dir=partial, on_block_done=lambda i, n, m: visited.append(i))
+    assert visited == list(range(2, LAYERS))
+    _assert_same_result(resumed, stats)
