@@ -67,7 +67,7 @@ ROWS = [
 
 
 def float_checkpoint(work: Path, model: str | None) -> Path:
-    from quant.sources import convert_gguf, fetch_demo_gguf
+    from quantmill.io.sources import convert_gguf, fetch_demo_gguf
 
     if model:
         return Path(model)
@@ -81,8 +81,8 @@ def float_checkpoint(work: Path, model: str | None) -> Path:
 def calibration_ids(folder: Path, work: Path, samples: int, seq_len: int):
     import torch
 
-    from quant.calibration import load_text, pack_samples, parse_spec, tokenize
-    from quant.sources import load_tokenizer
+    from quantmill.model.calibration import load_text, pack_samples, parse_spec, tokenize
+    from quantmill.io.sources import load_tokenizer
 
     path = work / f"calib_ids_{samples}x{seq_len}.pt"
     if not path.is_file():
@@ -92,8 +92,8 @@ def calibration_ids(folder: Path, work: Path, samples: int, seq_len: int):
 
 
 def eval_windows(folder: Path, spec: str, windows: int, seq_len: int):
-    from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
-    from quant.sources import load_tokenizer
+    from quantmill.model.calibration import first_windows, load_text, parse_spec, tokenize_prefix
+    from quantmill.io.sources import load_tokenizer
 
     text = HELDOUT.read_text() if spec == "heldout" else load_text(parse_spec(spec))
     return first_windows(tokenize_prefix(load_tokenizer(folder), text, windows * seq_len), windows, seq_len)
@@ -132,11 +132,12 @@ def quantmill_quantize(folder: Path, ref: str, calibration, stats, out: Path) ->
     """quantmill's quantize stage without the store: load, method, save. Returns its seconds."""
     import torch
 
-    import quant.qparams as qparams
-    from quant.checkpoint import save_quantized
-    from quant.methods import METHODS, MethodContext
-    from quant.recipe import load_recipe
-    from quant.sources import load_model
+    import quantmill.core.qparams as qparams
+    from quantmill.io.checkpoint import save_quantized
+    from quantmill.methods.base import MethodContext
+    from quantmill.methods.registry import METHODS
+    from quantmill.methods.recipe_files import load_recipe
+    from quantmill.io.sources import load_model
 
     name, _, variant = ref.partition("@")
     recipe = load_recipe(name)
@@ -200,8 +201,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from quant.sources import load_model
-    from quant.stats import collect_stats, load_stats, save_stats
+    from quantmill.io.sources import load_model
+    from quantmill.model.stats import collect_stats, load_stats, save_stats
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -296,7 +297,7 @@ def needs_stats(ref: str) -> bool:
     static input scales, and the methods built on the stats (SmoothQuant, LLM.int8()'s report).
     GPTQ and AWQ collect what they need on the calibration ids themselves; dynamic inputs have no
     calibrated range."""
-    from quant.recipe import load_recipe
+    from quantmill.methods.recipe_files import load_recipe
 
     recipe = load_recipe(ref.partition("@")[0])
     static = recipe.activations is not None and not recipe.activations.dynamic

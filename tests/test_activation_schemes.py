@@ -23,16 +23,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from quant.checkpoint import load_quantized, save_quantized
-from quant.errors import RecipeError, StatsError
-from quant.methods import METHODS, MethodContext, target_linears
-from quant.modules import QuantLinear, compressed_tensors_dynamic_int8, fp8_matmul_available
-from quant.observers import ActivationStats
-from quant.qparams import compute_qparams
-from quant.recipe import Recipe, builtin_recipes, load_recipe, parse_recipe
-from quant.schemes import static_input_qparams
-from quant.sources import load_model
-from quant.stats import collect_stats
+from quantmill.core.errors import RecipeError, StatsError
+from quantmill.core.qparams import compute_qparams
+from quantmill.io.checkpoint import load_quantized, save_quantized
+from quantmill.io.sources import load_model
+from quantmill.methods.base import MethodContext, target_linears
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.recipe_files import builtin_recipes, load_recipe, parse_recipe
+from quantmill.methods.registry import METHODS
+from quantmill.methods.schemes import static_input_qparams
+from quantmill.model.stats import collect_stats
+from quantmill.nn.quant_linear import QuantLinear, compressed_tensors_dynamic_int8, fp8_matmul_available
+from quantmill.solvers.observers import ActivationStats
 
 # The rtn and gptq W8A8 / FP8 recipes (SmoothQuant's own W8A8 recipes are tested in its own files).
 ACTIVATION_RECIPES = [n for n in builtin_recipes() if load_recipe(n).method in ("rtn", "gptq") and load_recipe(n).activations is not None]

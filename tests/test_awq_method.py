@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.checkpoint import load_quantized, save_quantized
-from quant.errors import RecipeError
-from quant.methods import METHODS, MethodContext
-from quant.recipe import Recipe, load_recipe
-from quant.sources import load_model
+from quantmill.core.errors import RecipeError
+from quantmill.io.checkpoint import load_quantized, save_quantized
+from quantmill.io.sources import load_model
+from quantmill.methods.base import MethodContext
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.recipe_files import load_recipe
+from quantmill.methods.registry import METHODS
 from tests.tiny import make_tiny_llama_with_outliers
 
 

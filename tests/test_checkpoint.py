@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.checkpoint import load_quantized, save_quantized, size_report
-from quant.errors import RecipeError
-from quant.methods import METHODS, MethodContext, layer_granularity, target_linears
-from quant.recipe import Recipe, builtin_recipes, load_recipe
-from quant.sources import load_model
+from quantmill.core.errors import RecipeError
+from quantmill.io.checkpoint import load_quantized, save_quantized, size_report
+from quantmill.io.sources import load_model
+from quantmill.methods.base import MethodContext, layer_granularity, target_linears
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.recipe_files import builtin_recipes, load_recipe
+from quantmill.methods.registry import METHODS
 
 # Weight-only RTN recipes; the W8A8 / FP8 ones (rtn with `activations`) are in test_activation_schemes.py.
 RTN = [name for name in builtin_recipes() if load_recipe(name).method == "rtn" and load_recipe(name).activations is None]

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.checkpoint import load_quantized, save_quantized
-from quant.methods import METHODS, MethodContext
-from quant.recipe import load_recipe
-from quant.sources import load_model
+from quantmill.io.checkpoint import load_quantized, save_quantized
+from quantmill.io.sources import load_model
+from quantmill.methods.base import MethodContext
+from quantmill.methods.recipe_files import load_recipe
+from quantmill.methods.registry import METHODS
 from tests.tiny import make_tiny_llama
 
 

@@ -10,15 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from quant.checkpoint import load_quantized, save_quantized, size_report
-from quant.errors import RecipeError, StatsError
-from quant.llm_int8 import LLMInt8Linear
-from quant.llm_int8_checkpoint import FORMAT, WEIGHTS_FILE
-from quant.methods import METHODS, MethodContext
-from quant.outlier_methods import llm_int8_outlier_fractions, smooth_layer
-from quant.recipe import Recipe, load_recipe
-from quant.sources import load_model
-from quant.stats import collect_stats
+from quantmill.core.errors import RecipeError, StatsError
+from quantmill.io.checkpoint import load_quantized, save_quantized, size_report
+from quantmill.io.llm_int8_checkpoint import FORMAT, WEIGHTS_FILE
+from quantmill.io.sources import load_model
+from quantmill.methods.base import MethodContext
+from quantmill.methods.llm_int8 import llm_int8_outlier_fractions
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.recipe_files import load_recipe
+from quantmill.methods.registry import METHODS
+from quantmill.methods.smoothquant import smooth_layer
+from quantmill.model.stats import collect_stats
+from quantmill.nn.llm_int8 import LLMInt8Linear
 from tests.tiny import make_tiny_llama_with_outliers
 
 OUTLIER_CHANNELS = [3, 17, 40]

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quant.errors import QuantmillError, RecipeError
-from quant.methods import METHODS
-from quant.recipe import RECIPES_DIR, Recipe, builtin_recipes, load_recipe, parse_recipe
+from quantmill.core.errors import QuantmillError, RecipeError
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.recipe_files import RECIPES_DIR, builtin_recipes, load_recipe, parse_recipe
+from quantmill.methods.registry import METHODS
 
 BUILTINS = sorted(builtin_recipes())
 
@@ -180,7 +181,7 @@ def test_an_oversized_recipe_is_refused_before_reading(tmp_path) -> None:
 
 
 def test_inline_recipe_text_gets_the_same_limits() -> None:
-    from quant.recipe import parse_recipe_text
+    from quantmill.methods.recipe_files import parse_recipe_text
 
     with pytest.raises(RecipeError, match=r"^recipe form: line 1: YAML anchor &a"):
         parse_recipe_text("x: &a 1\ny: *a\n", "form")
@@ -227,7 +228,7 @@ def test_smoothquant_options_are_checked_when_the_recipe_loads(tmp_path) -> None
 
 
 def test_inline_yaml_documents_get_the_same_limits() -> None:
-    from quant.recipe import yaml_documents
+    from quantmill.methods.recipe_files import yaml_documents
 
     assert yaml_documents("a: 1\n---\n- b\n", "recipe_yaml") == [{"a": 1}, ["b"]]
     with pytest.raises(RecipeError) as err:

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from quant.observers import OUTLIER_THRESHOLD, ActivationStats
-from quant.sequential import run_sequential
-from quant.sources import load_model
-from quant.stats import VECTOR_FIELDS, _block_visitor, collect_stats, load_stats, save_stats
+from quantmill.io.sources import load_model
+from quantmill.model.sequential import run_sequential
+from quantmill.model.stats import VECTOR_FIELDS, _block_visitor, collect_stats, load_stats, save_stats
+from quantmill.solvers.observers import ActivationStats, OUTLIER_THRESHOLD
 from tests.tiny import make_tiny_llama
 
 LAYERS = 3

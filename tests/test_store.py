@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from quant.errors import DatasetError, QuantmillError
-from tasks import store as store_module
-from tasks.processes import pid_alive
-from tasks.store import MANIFEST, STAGE_VERSIONS, Store, StoreError, stage_key
+from quantmill.core.errors import DatasetError, QuantmillError
+from quantmill.tasks import store as store_module
+from quantmill.tasks.processes import pid_alive
+from quantmill.tasks.store import MANIFEST, STAGE_VERSIONS, Store, StoreError, stage_key
 
 STAGE = "collect_stats"
 KEY = stage_key(STAGE, {"batch_size": 8}, {"model": "m" * 64, "calibration": "c" * 64})
@@ -76,9 +76,9 @@ def test_bumping_a_stage_version_changes_its_keys_only(monkeypatch) -> None:
 
 
 def test_bumping_a_method_version_changes_that_methods_quantize_keys_only(monkeypatch) -> None:
-    from quant.methods import METHOD_VERSIONS, METHODS
-    from quant.recipe import load_recipe
-    from tasks.quantize import quantize_key
+    from quantmill.methods.registry import METHODS, METHOD_VERSIONS
+    from quantmill.methods.recipe_files import load_recipe
+    from quantmill.tasks.quantize import quantize_key
 
     assert set(METHOD_VERSIONS) == set(METHODS)
     gptq, rtn = load_recipe("w4a16-gptq"), load_recipe("w4a16-rtn")
@@ -256,7 +256,7 @@ def test_commit_over_a_folder_without_manifest_makes_a_real_entry(store) -> None
 _RACE = r"""
 import json, os, sys, time
 from pathlib import Path
-from tasks.store import Store
+from quantmill.tasks.store import Store
 stage, key, start, mode = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 store = Store()
 while time.time() < start:

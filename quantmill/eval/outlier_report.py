@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from quant.observers import OUTLIER_THRESHOLD, ActivationStats
+from quantmill.solvers.observers import ActivationStats, OUTLIER_THRESHOLD
 
 TABLE_FILE = "outliers.parquet"
 HEATMAP_FILE = "outliers_heatmap.png"

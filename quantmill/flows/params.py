@@ -18,12 +18,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from quant.calibration import load_text, parse_spec, tokenize_prefix
-from quant.errors import DatasetError, QuantmillError, RecipeError, SourceError
-from quant.recipe import Recipe, builtin_recipes, load_recipe, parse_recipe, yaml_documents
-from quant.sources import ModelSource, load_tokenizer, validate_source
-from tasks.calibrate import CalibrationSpec, EvaluationSpec
-from tasks.store import default_root
+from quantmill.core.errors import DatasetError, QuantmillError, RecipeError, SourceError
+from quantmill.io.sources import ModelSource, load_tokenizer, validate_source
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.recipe_files import builtin_recipes, load_recipe, parse_recipe, yaml_documents
+from quantmill.model.calibration import load_text, parse_spec, tokenize_prefix
+from quantmill.tasks.calibrate import CalibrationSpec, EvaluationSpec
+from quantmill.tasks.store import default_root
 
 DEFAULT_RECIPES = ["w8a16-rtn", "w4a16-rtn-g64"]
 RecipeName = Literal[tuple(builtin_recipes())]  # type: ignore[valid-type]  # the form's multi-select
@@ -56,7 +57,7 @@ def ui(title: str, description: str, **extra: Any) -> dict[str, Any]:
 
 
 def _as_dict(value: Any) -> Any:
-    # Python callers pass tasks.calibrate's specs; the form's models take the same fields.
+    # Python callers pass quantmill.tasks.calibrate's specs; the form's models take the same fields.
     return value.model_dump() if isinstance(value, (CalibrationSpec, EvaluationSpec)) else value
 
 

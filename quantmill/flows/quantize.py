@@ -1,6 +1,6 @@
 """The quantize flow: resolve -> calibrate -> stats (shared) -> quantize -> evaluate -> register (per recipe).
 
-Its parameters are the form of the `quantize` deployment (flows/params.py); everything that can be
+Its parameters are the form of the `quantize` deployment (quantmill/flows/params.py); everything that can be
 checked without a model is checked before the first task, so a bad value fails at once.
 """
 
@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BeforeValidator, Field
 
-from flows.params import (
+from quantmill.flows.params import (
     DEFAULT_RECIPES,
     CalibrationForm,
     CalibrationParam,
@@ -29,14 +29,14 @@ from flows.params import (
     check_request,
     ui,
 )
-from quant.recipe import QualityGate
-from tasks.calibrate import capture_calibration
-from tasks.evaluate import evaluate
-from tasks.quantize import quantize
-from tasks.gate import check_gate, effective_gate
-from tasks.registry import RegistryError, register
-from tasks.resolve import resolve_model
-from tasks.stats import collect_stats
+from quantmill.methods.recipe import QualityGate
+from quantmill.tasks.calibrate import capture_calibration
+from quantmill.tasks.evaluate import evaluate
+from quantmill.tasks.gate import check_gate, effective_gate
+from quantmill.tasks.quantize import quantize
+from quantmill.tasks.registry import RegistryError, experiment_id, register, tracking_uri
+from quantmill.tasks.resolve import resolve_model
+from quantmill.tasks.stats import collect_stats
 
 LONG_COLUMNS = ("quantized_key", "checkpoint")  # the results table shows these last
 GPU_LIMIT = "gpu"  # the global concurrency limit that keeps quantize runs on one host apart
@@ -89,16 +89,12 @@ def _mlflow_ui() -> str | None:
     """The MLflow web UI's base URL: the tracking server itself, or $QUANTMILL_MLFLOW_UI."""
     import os
 
-    from tasks.registry import tracking_uri
-
     uri = os.environ.get("QUANTMILL_MLFLOW_UI") or tracking_uri()
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
 
 
 def links_markdown(registered: list[dict[str, Any]]) -> str:
     """Links to each MLflow run and model version (plain URIs when MLflow has no web UI)."""
-    from tasks.registry import experiment_id, tracking_uri
-
     base = _mlflow_ui()
     lines = ["| model version | MLflow run |", "|---|---|"]
     for reg in registered:

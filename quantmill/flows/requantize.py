@@ -36,9 +36,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from flows.params import NAME_PATTERN, ui
-from quant.errors import QuantmillError
-from quant.recipe import builtin_recipes, load_recipe
+from quantmill.core.errors import QuantmillError
+from quantmill.flows.params import NAME_PATTERN, ui
+from quantmill.flows.quantize import quantize_flow
+from quantmill.methods.recipe_files import builtin_recipes, load_recipe
+from quantmill.tasks.registry import client, resolve_model_uri
+from quantmill.tasks.resolve import hub_commit, resolve_key
 
 EVENT = "quantmill.checkpoint.detected"
 DEFAULT_DEPLOYMENT = "quantize/quantize"
@@ -116,8 +119,6 @@ def load_watch(path: str | Path) -> WatchFile:
     from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools.validation import validate
 
-    from flows.quantize import quantize_flow
-
     spec = _load_watch(path)
     schema = parameter_schema(quantize_flow).model_dump_for_openapi()
     for i, src in enumerate(spec.sources):
@@ -147,8 +148,6 @@ def _newest_mtime(folder: Path) -> float:
 
 def scan_source(src: WatchSource) -> list[Checkpoint]:
     """The checkpoints a source holds now, each keyed as resolve_model would key it."""
-    from tasks.resolve import hub_commit, resolve_key
-
     logger = get_run_logger()
     if src.dir:
         root = Path(src.dir).expanduser()
@@ -171,8 +170,6 @@ def scan_source(src: WatchSource) -> list[Checkpoint]:
         commit = hub_commit(repo, branch or None)
         source = f"hf:{repo}@{commit}"
         return [Checkpoint(src.label, source, commit, resolve_key(source))]
-    from tasks.registry import resolve_model_uri
-
     version_uri, _ = resolve_model_uri(str(src.mlflow))
     return [Checkpoint(src.label, version_uri, version_uri, resolve_key(version_uri))]
 
@@ -185,8 +182,6 @@ def _hex_or_name(value: str) -> str:
 
 def registered(model_name: str, key: str, recipe_hash: str) -> bool:
     """Whether a version of MODEL_NAME already carries this checkpoint's and recipe's lineage."""
-    from tasks.registry import client
-
     query = (
         f"name = '{_hex_or_name(model_name)}' AND tags.`quantmill.key.resolve_model` = '{_hex_or_name(key)}'"
         f" AND tags.`quantmill.recipe_hash` = '{_hex_or_name(recipe_hash)}'"

@@ -28,16 +28,14 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from quant.errors import RecipeError
-from quant.methods import is_ignored
-from quant.modules import QuantLinear, QuantScheme
-from quant.qparams import QuantizedWeight
-from quant.recipe import Recipe
-from quant.sequential import release_host_memory
-
-LINEAGE_FILE = "quantmill.json"
-RECIPE_FILE = "recipe.yaml"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+from quantmill.core.errors import RecipeError
+from quantmill.core.qparams import QuantizedWeight
+from quantmill.io.layout import LINEAGE_FILE, RECIPE_FILE, TOKENIZER_FILES, read_tensors
+from quantmill.io.llm_int8_checkpoint import is_llm_int8, load_llm_int8, save_llm_int8
+from quantmill.methods.base import is_ignored
+from quantmill.methods.recipe import Recipe
+from quantmill.model.sequential import release_host_memory
+from quantmill.nn.quant_linear import QuantLinear, QuantScheme
 
 
 def checkpoint_format(recipe: Recipe) -> str:
@@ -117,8 +115,6 @@ def save_quantized(
     from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
 
     if recipe.method == "llm_int8":  # no compressed-tensors format: quantmill's own (see that module)
-        from quant.llm_int8_checkpoint import save_llm_int8
-
         return save_llm_int8(model, weights, recipe, dst, lineage, tokenizer_dir)
     _quiet_compressed_tensors()
     input_qparams = input_qparams or {}
@@ -187,15 +183,6 @@ def _quiet_compressed_tensors() -> None:
 def _group_size_of(scheme: dict[str, Any]) -> int | None:
     weights = scheme.get("weights") or {}
     return weights.get("group_size") if weights.get("strategy") == "group" else None
-
-
-def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, "pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    return tensors
 
 
 def dequantize_module(prefix: str, tensors: dict[str, torch.Tensor], num_bits: int, packed: bool) -> torch.Tensor:
@@ -295,8 +282,6 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    from quant.llm_int8_checkpoint import is_llm_int8, load_llm_int8
-
     if is_llm_int8(folder):  # LLM.int8(): LLMInt8Linear modules (quantmill's own format)
         return load_llm_int8(folder, dtype)
     config = AutoConfig.from_pretrained(folder)
@@ -306,7 +291,7 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, path:
     qconfig = qconfig if isinstance(qconfig, dict) else qconfig.to_dict()
     del config.quantization_config
     fmt = qconfig.get("format")
-    tensors = _read_tensors(folder)
+    tensors = read_tensors(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     bits = {g["weights"]["num_bits"] for g in qconfig["config_groups"].values()}

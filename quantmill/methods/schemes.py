@@ -1,4 +1,5 @@
-"""The W8A8 / FP8 parts of a recipe: fp8 weight rounding, and static input scales from the stats.
+"""The W8A8 / FP8 parts of a recipe: static input scales from the stats (fp8 weight rounding is
+core/fp8.py).
 
 Dynamic inputs need nothing at quantize time: QuantLinear (and vLLM) compute one scale per token
 at run time. Static inputs need one scale (and, when asymmetric, a zero point) per Linear: the
@@ -14,34 +15,17 @@ from typing import Any
 
 import torch
 
-from quant.errors import StatsError
-from quant.modules import FP8_MAX, quantize_fp8
-from quant.observers import ActivationStats, get_observer
-from quant.qparams import QuantizedWeight, compute_qparams, int_range
-from quant.recipe import ActivationScheme, Recipe
-
-
-def _nonzero(scale: torch.Tensor) -> torch.Tensor:
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
-
-
-def quantize_weight_fp8(w: torch.Tensor, granularity: str) -> QuantizedWeight:
-    """e4m3 weights, per tensor or per output channel: scale = absmax / 448, q = e4m3(w / scale)."""
-    w = w.float()
-    if granularity == "tensor":
-        absmax = w.abs().amax().reshape(1, 1).expand(w.shape[0], 1)
-    elif granularity == "channel":
-        absmax = w.abs().amax(dim=1, keepdim=True)
-    else:
-        raise ValueError(f"fp8 weights are per tensor or per channel, not {granularity!r}")
-    scale = _nonzero(absmax / FP8_MAX).contiguous()
-    return QuantizedWeight(quantize_fp8(w, scale), scale, torch.zeros_like(scale, dtype=torch.int32), bits=8)
+from quantmill.core.errors import StatsError
+from quantmill.core.fp8 import FP8_MAX, nonzero_scale, quantize_fp8
+from quantmill.core.qparams import compute_qparams, int_range
+from quantmill.methods.recipe import ActivationScheme, Recipe
+from quantmill.solvers.observers import ActivationStats, get_observer
 
 
 def range_to_qparams(act: ActivationScheme, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Scalar (scale, zero point) of a static input range, as QuantLinear.from_linear computes them."""
     if act.type == "float":
-        scale = _nonzero(torch.tensor(max(abs(lo), abs(hi)) / FP8_MAX))
+        scale = nonzero_scale(torch.tensor(max(abs(lo), abs(hi)) / FP8_MAX))
         return scale, torch.zeros((), dtype=torch.int32)
     return compute_qparams(torch.tensor(float(lo)), torch.tensor(float(hi)), act.bits, act.symmetric)
 

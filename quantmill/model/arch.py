@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from quant.errors import SourceError
+from quantmill.core.errors import SourceError
 
 
 @dataclass(frozen=True)

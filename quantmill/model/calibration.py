@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from quant.errors import DatasetError
+from quantmill.core.errors import DatasetError
 
 STDLIB_PARTS = ("calib", "eval")
 

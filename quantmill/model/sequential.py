@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from quant.arch import decoder_layers, get_attr, layout_of
+from quantmill.model.arch import decoder_layers, get_attr, layout_of
 
 Tensors = dict[str, torch.Tensor]
 # visit(index, block, inputs, forward) -> (tensors to keep, JSON metadata, next inputs or None)

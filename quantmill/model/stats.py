@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from quant.arch import block_linears, layout_of
-from quant.observers import ActivationStats, StatsAccumulator
-from quant.sequential import BlockInputs, run_sequential
+from quantmill.model.arch import block_linears, layout_of
+from quantmill.model.sequential import BlockInputs, run_sequential
+from quantmill.solvers.observers import ActivationStats, StatsAccumulator
 
 VECTOR_FIELDS = ("absmax", "min", "max", "mean_sq", "outliers")
 

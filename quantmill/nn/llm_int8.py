@@ -26,9 +26,9 @@ import math
 import torch
 from torch import nn
 
-from quant.errors import RecipeError
-from quant.modules import int8_matmul
-from quant.qparams import compute_qparams, quantize, quantize_weight_rtn
+from quantmill.core.errors import RecipeError
+from quantmill.core.qparams import compute_qparams, quantize, quantize_weight_rtn
+from quantmill.nn.quant_linear import int8_matmul
 
 DEFAULT_THRESHOLD = 6.0
 

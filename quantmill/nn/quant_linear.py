@@ -21,11 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.errors import RecipeError
-from quant.qparams import compute_qparams, int_range, quantize, quantize_weight_rtn
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+from quantmill.core.errors import RecipeError
+from quantmill.core.fp8 import FP8_DTYPE, FP8_MAX, quantize_fp8
+from quantmill.core.qparams import compute_qparams, int_range, quantize, quantize_weight_rtn
 
 _WEIGHT_TYPES = ("int", "fp8")
 _GRANULARITIES = ("tensor", "channel", "group")
@@ -160,11 +158,6 @@ def fp8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     one = torch.ones((), device=a.device)
     out = torch._scaled_mm(a.contiguous(), w.contiguous().t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
     return out[:m, :n]
-
-
-def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale rounded to e4m3 (saturating at +-448: the cast itself would give nan)."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def _safe_scale(absmax: torch.Tensor, qmax: float) -> torch.Tensor:

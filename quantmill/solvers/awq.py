@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from quant.errors import RecipeError
-from quant.qparams import quantize_weight_rtn
-from quant.smoothquant import (
+from quantmill.core.errors import RecipeError
+from quantmill.core.qparams import quantize_weight_rtn
+from quantmill.solvers.smoothquant import (
     block_output,
     attention_heads,
     fold_smoothing,

@@ -5,7 +5,7 @@ Pure functions of a weight W [out, in] and a Hessian H [in, in] of the layer-wis
 ||W X - Q X||^2: no hooks, no model, no I/O. Callers accumulate H with `HessianAccumulator`
 (one per Linear, fed the Linear's inputs) and call `gptq_quantize` once per layer.
 
-The integer grid is the one in `quant.qparams` (signed ints, x ~ (q - zero_point) * scale), so
+The integer grid is the one in `quantmill.core.qparams` (signed ints, x ~ (q - zero_point) * scale), so
 the result saves into compressed-tensors exactly like an RTN weight; with act-order and dynamic
 groups it adds `g_idx` (compressed-tensors' `weight_g_idx`). The solver never looks inside the
 rounding, so `weight_type="fp8"` runs the same algorithm on the e4m3 grid (per-channel scale
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from quant.modules import quantize_fp8
-from quant.qparams import (
+from quantmill.core.fp8 import quantize_fp8, quantize_weight_fp8
+from quantmill.core.qparams import (
     ClipSearch,
     QuantizedWeight,
     compute_qparams,
@@ -33,7 +33,6 @@ from quant.qparams import (
     weight_full_range,
     weight_qparams,
 )
-from quant.schemes import quantize_weight_fp8
 
 
 class HessianAccumulator:
@@ -89,7 +88,7 @@ class GPTQOptions:
     needs no g_idx); otherwise each group's scale comes from the error-updated weights when
     the solver reaches it. max_damp_tries: how many dampenings to try (each 10x the last)
     before falling back to RTN. weight_type "fp8": the e4m3 grid, symmetric, per channel.
-    clip: search each channel's / group's clipping ratio (`quant.qparams.ClipSearch`), the error
+    clip: search each channel's / group's clipping ratio (`quantmill.core.qparams.ClipSearch`), the error
     of input j weighted by 1 / [H^-1]_jj (the GPTQ loss of a lone column; diag(H) when the
     solver falls back to RTN); None: plain min-max ranges.
     """

@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from quant.errors import RecipeError, StatsError
-from quant.qparams import compute_qparams, int_range
+from quantmill.core.errors import RecipeError, StatsError
+from quantmill.core.qparams import compute_qparams, int_range
 
 OUTLIER_THRESHOLD = 6.0
 """|x| at or above this counts as an outlier (the LLM.int8() paper's threshold)."""

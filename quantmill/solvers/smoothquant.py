@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.errors import RecipeError, StatsError
-from quant.qparams import compute_qparams, fake_quantize, quantize_weight_rtn
+from quantmill.core.errors import RecipeError, StatsError
+from quantmill.core.qparams import compute_qparams, fake_quantize, quantize_weight_rtn
 
 EPS = 1e-5
 ALPHA_GRID: tuple[float, ...] = tuple(round(i * 0.05, 2) for i in range(21))

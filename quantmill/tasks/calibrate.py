@@ -11,12 +11,12 @@ import torch
 from prefect import task
 from pydantic import BaseModel, Field
 
-from quant.calibration import load_text, pack_samples, parse_spec, tokenize
-from quant.hashing import sha256_text
-from quant.sources import load_tokenizer
-from tasks.common import entry_result, log, store, store_cache_key
-from tasks.resolve import checkpoint_dir
-from tasks.store import stage_key
+from quantmill.core.hashing import sha256_text
+from quantmill.io.sources import load_tokenizer
+from quantmill.model.calibration import load_text, pack_samples, parse_spec, tokenize
+from quantmill.tasks.common import entry_result, log, store, store_cache_key
+from quantmill.tasks.resolve import checkpoint_dir
+from quantmill.tasks.store import stage_key
 
 STAGE = "capture_calibration"
 

@@ -12,8 +12,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
-from quant.hashing import sha256_text
-from tasks.store import Entry, Store
+from quantmill.core.hashing import sha256_text
+from quantmill.tasks.store import Entry, Store
 
 
 def store() -> Store:

@@ -1,7 +1,7 @@
 """evaluate: the fixed protocol on the eval text, for the float model or a quantized one against it.
 
 The float model's entry keeps its record (`reference.safetensors`: its output layer's inputs and
-weights, see quant/evaluate.py); a quantized model's evaluation reads it and runs only the
+weights, see quantmill/eval/evaluate.py); a quantized model's evaluation reads it and runs only the
 quantized model, with KL still exact.
 """
 
@@ -14,18 +14,18 @@ from typing import Any
 
 from prefect import task
 
-from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
-from quant.checkpoint import load_quantized, size_report
-from quant.errors import QuantmillError
-from quant.evaluate import ReferenceRecord, evaluate_against, reference_distributions
-from quant.hashing import sha256_text
-from quant.outlier_methods import llm_int8_outlier_fractions
-from quant.sequential import pick_device
-from quant.sources import load_model, load_tokenizer
-from tasks.calibrate import EvaluationSpec
-from tasks.common import Progress, entry_result, log, store, store_cache_key
-from tasks.resolve import checkpoint_dir
-from tasks.store import Entry, stage_key
+from quantmill.core.errors import QuantmillError
+from quantmill.core.hashing import sha256_text
+from quantmill.eval.evaluate import ReferenceRecord, evaluate_against, reference_distributions
+from quantmill.io.checkpoint import load_quantized, size_report
+from quantmill.io.sources import load_model, load_tokenizer
+from quantmill.methods.llm_int8 import llm_int8_outlier_fractions
+from quantmill.model.calibration import first_windows, load_text, parse_spec, tokenize_prefix
+from quantmill.model.sequential import pick_device
+from quantmill.tasks.calibrate import EvaluationSpec
+from quantmill.tasks.common import Progress, entry_result, log, store, store_cache_key
+from quantmill.tasks.resolve import checkpoint_dir
+from quantmill.tasks.store import Entry, stage_key
 
 STAGE = "evaluate"
 REFERENCE_FILE = "reference.safetensors"

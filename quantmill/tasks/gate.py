@@ -13,12 +13,12 @@ from typing import Any
 from prefect import task
 from prefect.context import TaskRunContext
 
-from quant.checkpoint import load_quantized
-from quant.evaluate import generation_smoke_test
-from quant.hashing import canonical_json, sha256_text
-from quant.recipe import QualityGate
-from quant.sources import load_tokenizer
-from tasks.common import log
+from quantmill.core.hashing import canonical_json, sha256_text
+from quantmill.eval.evaluate import generation_smoke_test
+from quantmill.io.checkpoint import load_quantized
+from quantmill.io.sources import load_tokenizer
+from quantmill.methods.recipe import QualityGate
+from quantmill.tasks.common import log
 
 PASSED, FAILED = "passed", "failed"
 

@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from quant.hashing import sha256_file, sha256_text
-from tasks.store import default_root
+from quantmill.core.hashing import sha256_file, sha256_text
+from quantmill.tasks.store import default_root
 
 CACHE = "file-hashes"
 

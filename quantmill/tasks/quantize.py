@@ -14,19 +14,20 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-import quant
-from quant.checkpoint import save_quantized
-from quant.errors import QuantmillError, RecipeError
-from quant.methods import METHOD_VERSIONS, METHODS, MethodContext, target_linears
-from quant.recipe import Recipe
-from quant.sequential import finished_blocks, pick_device, release_host_memory, return_large_frees_to_os
-from quant.sources import load_model
-from quant.stats import load_stats
-from tasks.calibrate import read_token_table
-from tasks.common import Progress, entry_result, log, store, store_cache_key
-from tasks.report import markdown_table
-from tasks.resolve import checkpoint_dir
-from tasks.store import stage_key
+from quantmill import __version__
+from quantmill.core.errors import QuantmillError, RecipeError
+from quantmill.io.checkpoint import save_quantized
+from quantmill.io.sources import load_model
+from quantmill.methods.base import MethodContext, target_linears
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.registry import METHODS, METHOD_VERSIONS
+from quantmill.model.sequential import finished_blocks, pick_device, release_host_memory, return_large_frees_to_os
+from quantmill.model.stats import load_stats
+from quantmill.tasks.calibrate import read_token_table
+from quantmill.tasks.common import Progress, entry_result, log, store, store_cache_key
+from quantmill.tasks.report import markdown_table
+from quantmill.tasks.resolve import checkpoint_dir
+from quantmill.tasks.store import stage_key
 
 STAGE = "quantize"
 
@@ -49,7 +50,7 @@ def _key_of(p: dict[str, Any]) -> tuple[str, str]:
 def lineage(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str, Any], recipe: Recipe, key: str) -> dict[str, Any]:
     m = model["manifest"]
     return {
-        "quantmill_version": quant.__version__,
+        "quantmill_version": __version__,
         "source": m["source"],
         "resolved_revision": m.get("resolved_revision"),
         "source_file_hashes": m["file_hashes"],

@@ -1,6 +1,6 @@
 """register: one MLflow run per (model, recipe) and an immutable registered model version.
 
-A version is an MLflow Model whose folder is the quantized checkpoint itself (tasks/mlflow_model.py),
+A version is an MLflow Model whose folder is the quantized checkpoint itself (quantmill/tasks/mlflow_model.py),
 tagged with its lineage and the sha256 of every file in it, so `quantmill pull` can verify what
 arrives against what was registered. A version is never overwritten: re-registering the same
 quantized entry finds the version that carries its key and returns it. A version that fails its
@@ -26,13 +26,14 @@ from typing import Any
 
 from prefect import task
 
-from quant.hashing import hash_files
-from quant.recipe import Recipe
-from tasks.common import log, store
-from tasks.mlflow_model import build_model_folder
-from tasks.processes import owner_alive, owner_id, pid_alive
-from tasks.report import layer_metrics, plot_output_error
-from tasks.tracking import (  # noqa: F401  (re-exported: the registry's one import point)
+from quantmill.core.hashing import hash_files
+from quantmill.eval.outlier_report import REPORT_FILES
+from quantmill.methods.recipe import Recipe
+from quantmill.tasks.common import log, store
+from quantmill.tasks.mlflow_model import build_model_folder
+from quantmill.tasks.processes import owner_alive, owner_id, pid_alive
+from quantmill.tasks.report import layer_metrics, plot_output_error
+from quantmill.tasks.tracking import (
     EXPERIMENT,
     RegistryError,
     check_model_name,
@@ -50,7 +51,7 @@ CHECKPOINT_TAG = "quantmill.checkpoint.sha256."
 SOURCE_TAG = "quantmill.source.sha256."
 GATE_TAG = "quantmill.gate"
 PENDING = "pending-registrations"
-OWNER_TAG = "quantmill.owner"  # host:pid:start of the registering process (tasks/processes.py)
+OWNER_TAG = "quantmill.owner"  # host:pid:start of the registering process (quantmill/tasks/processes.py)
 SCRATCH = "registering"
 
 
@@ -163,8 +164,6 @@ def log_layer_report(run_id: str, rows: list[dict[str, Any]], title: str = "", b
 def log_outlier_report(lineage: dict[str, Any]) -> list[str]:
     """The stats entry's outlier report (heat map, outlier-channel bars, table) as artifacts under
     `outliers/` of the active run; returns the files logged (none when the entry has no report)."""
-    from quant.outlier_report import REPORT_FILES
-
     key = (lineage.get("stage_keys") or {}).get("collect_stats")
     entry = store().get("collect_stats", key) if key else None
     if entry is None:

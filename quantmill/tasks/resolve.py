@@ -9,10 +9,9 @@ from typing import Any
 
 from prefect import task
 
-from quant.errors import SourceError
-from quant.hashing import hash_files, sha256_file
-from quant.verify import verify_checkpoint
-from quant.sources import (
+from quantmill.core.errors import SourceError
+from quantmill.core.hashing import hash_files, sha256_file
+from quantmill.io.sources import (
     DEMO_GGUF,
     DEMO_PACKAGE,
     ModelSource,
@@ -23,17 +22,17 @@ from quant.sources import (
     fetch_demo_gguf,
     parse_source,
 )
-from tasks.common import entry_result, log, store, store_cache_key
-from tasks.hash_cache import cached_sha256, forget
-from tasks.store import stage_key
+from quantmill.io.verify import verify_checkpoint
+from quantmill.tasks.common import entry_result, log, store, store_cache_key
+from quantmill.tasks.hash_cache import cached_sha256, forget
+from quantmill.tasks.registry import download_model, resolve_model_uri
+from quantmill.tasks.store import stage_key
 
 STAGE = "resolve_model"
 
 
 def resolve_mlflow_uri(uri: str) -> tuple[str, str]:
     """models:/NAME@ALIAS (or /VERSION) -> (immutable models:/NAME/VERSION, its download URI)."""
-    from tasks.registry import resolve_model_uri
-
     return resolve_model_uri(uri)
 
 
@@ -88,8 +87,6 @@ def _materialize(parsed: ModelSource, dst: Path, allow_pickle: bool, identity: d
         info["requested_revision"] = parsed.revision or "main"
     elif parsed.kind == "mlflow":
         version_uri, _ = resolve_mlflow_uri(parsed.target)
-        from tasks.registry import download_model
-
         local = download_model(version_uri, dst.parent / (dst.name + "-download"))
         try:
             copy_checkpoint(local, dst, allow_pickle)
@@ -104,7 +101,7 @@ def _materialize(parsed: ModelSource, dst: Path, allow_pickle: bool, identity: d
 
 def _check_copy_matches(folder: Path, identity: dict[str, str], copied: dict[str, str]) -> None:
     """The copy must hold the bytes the key was computed from: a file rewritten meanwhile (or one
-    whose remembered hash is stale, tasks/hash_cache.py) fails here and is hashed afresh next time."""
+    whose remembered hash is stale, quantmill/tasks/hash_cache.py) fails here and is hashed afresh next time."""
     changed = sorted(name for name, digest in copied.items() if name in identity and identity[name] != digest)
     for name in changed:
         forget(folder / name)

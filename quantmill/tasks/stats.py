@@ -15,15 +15,15 @@ from typing import Any
 from prefect import task
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
-from quant.outlier_report import has_outlier_report, write_outlier_report
-from quant.sequential import pick_device
-from quant.sources import load_model
-from quant.stats import collect_stats as collect
-from quant.stats import load_stats, save_stats
-from tasks.calibrate import read_token_table
-from tasks.common import Progress, entry_result, log, store, store_cache_key
-from tasks.resolve import checkpoint_dir
-from tasks.store import stage_key
+from quantmill.eval.outlier_report import has_outlier_report, write_outlier_report
+from quantmill.io.sources import load_model
+from quantmill.model.sequential import pick_device
+from quantmill.model.stats import collect_stats as collect
+from quantmill.model.stats import load_stats, save_stats
+from quantmill.tasks.calibrate import read_token_table
+from quantmill.tasks.common import Progress, entry_result, log, store, store_cache_key
+from quantmill.tasks.resolve import checkpoint_dir
+from quantmill.tasks.store import stage_key
 
 STAGE = "collect_stats"
 BATCH_SIZE = 8

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quant.errors import QuantmillError
-from quant.hashing import canonical_json, sha256_text
-from tasks.processes import pid_alive
+from quantmill.core.errors import QuantmillError
+from quantmill.core.hashing import canonical_json, sha256_text
+from quantmill.tasks.processes import pid_alive
 
 # Bump a stage's version when its output for the same inputs changes: old entries stop matching.
 STAGE_VERSIONS = {

@@ -17,8 +17,8 @@ import urllib.request
 import warnings
 from pathlib import Path
 
-from quant.errors import QuantmillError, SourceError
-from tasks.store import default_root
+from quantmill.core.errors import QuantmillError, SourceError
+from quantmill.tasks.store import default_root
 
 EXPERIMENT = "quantmill"
 REACH_SECONDS = 15.0
