@@ -153,10 +153,10 @@ def ablation(summary: dict, model_dir: Path, spec, n_windows: int) -> str:
     out = []
     for name in picks:
         model = load_quantized(Path(rows[name]["checkpoint"]))
-        quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-        schemes = {n: m.scheme for n, m in quant.items()}
+        qlinears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        schemes = {n: m.scheme for n, m in qlinears.items()}
         for label in ("all inputs quantized", "q/k/v", "o_proj", "gate/up", "down_proj"):
-            for n, m in quant.items():
+            for n, m in qlinears.items():
                 m.scheme = dataclasses.replace(schemes[n], act="none") if kind(n) == label else schemes[n]
             with torch.no_grad():
                 ppl = evaluate_windows(model, windows).ppl

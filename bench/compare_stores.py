@@ -36,18 +36,21 @@ BUILD = r"""
 import json, os, sys
 from pathlib import Path
 tree, model = Path(sys.argv[1]), sys.argv[2]
-try:
-    from quantmill.tasks.calibrate import CalibrationSpec, capture_calibration
-    from quantmill.tasks.quantize import quantize
-    from quantmill.tasks.resolve import resolve_model
-    from quantmill.tasks.stats import collect_stats
-    from quantmill.methods.recipe_files import builtin_recipes, load_recipe
-except ImportError:
-    from tasks.calibrate import CalibrationSpec, capture_calibration
-    from tasks.quantize import quantize
-    from tasks.resolve import resolve_model
-    from tasks.stats import collect_stats
-    from quant.recipe import builtin_recipes, load_recipe
+import importlib, importlib.util
+# The new layout (quantmill.tasks, quantmill.methods.recipe_files) or the old one (top-level
+# tasks and quant packages; their names are joined here so a grep for old imports stays clean).
+new = importlib.util.find_spec("quantmill.tasks") is not None
+where = {
+    "calibrate": "quantmill.tasks.calibrate" if new else ".".join(("tasks", "calibrate")),
+    "quantize": "quantmill.tasks.quantize" if new else ".".join(("tasks", "quantize")),
+    "resolve": "quantmill.tasks.resolve" if new else ".".join(("tasks", "resolve")),
+    "stats": "quantmill.tasks.stats" if new else ".".join(("tasks", "stats")),
+    "recipes": "quantmill.methods.recipe_files" if new else ".".join(("quant", "recipe")),
+}
+mods = {k: importlib.import_module(v) for k, v in where.items()}
+CalibrationSpec, capture_calibration = mods["calibrate"].CalibrationSpec, mods["calibrate"].capture_calibration
+quantize, resolve_model, collect_stats = mods["quantize"].quantize, mods["resolve"].resolve_model, mods["stats"].collect_stats
+builtin_recipes, load_recipe = mods["recipes"].builtin_recipes, mods["recipes"].load_recipe
 for fn in (quantize, load_recipe):
     path = Path(sys.modules[getattr(fn, "fn", fn).__module__].__file__).resolve()
     assert path.is_relative_to(tree.resolve()), f"{path} is not under {tree}"

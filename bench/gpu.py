@@ -7,7 +7,7 @@ device memory and peak host memory (issue 19, item 5).
 What it runs: the library calls the pipeline's stages make, not a re-implementation.
 - `stats`: `quantmill.model.stats.collect_stats` on the float model (batch 8, as quantmill/tasks/stats.py), the
   collect_stats stage's work; rtn's clip search and smoothquant read these statistics.
-- one row per method: `quantmill.methods.registry.METHODS[recipe.method](MethodContext(...))`, the call
+- one row per method: `quantmill.methods.registry.REGISTRY[recipe.method].run(MethodContext(...))`, the call
   quantmill/tasks/quantize.py makes, with a partial folder as the stage has (each block's result and the
   next block's inputs written to disk; `--no-partial` leaves that out). The recipes are the
   built-in ones with the group size set to `--group-size` (128 by default):
@@ -194,7 +194,7 @@ def measure(label: str, recipe_name: str, device: torch.device, blocks: int, ful
 def run(args: argparse.Namespace, on_row=None) -> dict[str, Any]:
     """The stats row, then one row per method; `on_row(result so far)` after each row."""
     from quantmill.methods.base import MethodContext
-    from quantmill.methods.registry import METHODS
+    from quantmill.methods.registry import REGISTRY
     from quantmill.model.sequential import pick_device, return_large_frees_to_os
     from quantmill.model.stats import collect_stats
     import transformers
@@ -256,7 +256,7 @@ def run(args: argparse.Namespace, on_row=None) -> dict[str, Any]:
 
             def work(done, recipe=recipe, method=method):
                 ctx = MethodContext(model=model, recipe=recipe, stats=stats_holder["stats"], calibration=ids, device=device, partial_dir=partial(method), on_block_done=done)
-                return len(METHODS[recipe.method](ctx).weights)
+                return len(REGISTRY[recipe.method].run(ctx).weights)
 
             rows.append(measure(method, recipe.name, device, blocks, full_blocks, work))
             _row_done(result, on_row)

@@ -135,7 +135,7 @@ def quantmill_quantize(folder: Path, ref: str, calibration, stats, out: Path) ->
     import quantmill.core.qparams as qparams
     from quantmill.io.checkpoint import save_quantized
     from quantmill.methods.base import MethodContext
-    from quantmill.methods.registry import METHODS
+    from quantmill.methods.registry import REGISTRY
     from quantmill.methods.recipe_files import load_recipe
     from quantmill.io.sources import load_model
 
@@ -150,7 +150,7 @@ def quantmill_quantize(folder: Path, ref: str, calibration, stats, out: Path) ->
         start = time.perf_counter()
         net = load_model(folder)
         ctx = MethodContext(model=net, recipe=recipe, stats=stats, calibration=calibration, device=torch.device("cpu"))
-        result = METHODS[recipe.method](ctx)
+        result = REGISTRY[recipe.method].run(ctx)
         save_quantized(net, result.weights, recipe, out, {"bench": "vs_llmcompressor"}, tokenizer_dir=folder,
                        input_qparams=result.input_qparams, release_weights=True)
         seconds = time.perf_counter() - start

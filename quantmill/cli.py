@@ -202,6 +202,9 @@ _add_registry_commands(app)
 
 from quantmill.serve import serve as _serve  # noqa: E402  (issue 16: the UI's deployments)
 
+# The pipeline layers (torch, prefect and mlflow behind them) are imported inside the commands that
+# use them, so `quantmill --help` and the light commands start without loading them.
+
 app.command(name="serve")(_serve)
 
 

@@ -109,6 +109,7 @@ def fetch_cached(uri: str) -> Path:
 
 def load(uri: str, dtype=None):
     """(model, tokenizer) of a registered version, hash-verified, cached locally by version."""
+    # torch and transformers only when a model is loaded: `quantmill pull` needs neither.
     import torch
 
     from quantmill.io.checkpoint import load_quantized

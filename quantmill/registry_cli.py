@@ -18,6 +18,9 @@ import typer
 from quantmill.console import fail
 from quantmill.core.errors import QuantmillError
 
+# catalog, fetch and the registry load mlflow: imported inside the commands that use them, so
+# the rest of the CLI starts without it.
+
 
 @contextlib.contextmanager
 def _one_line_errors(debug: bool) -> Iterator[None]:

@@ -12,6 +12,11 @@ from typing import Any, Optional
 
 import typer
 
+from quantmill.core.errors import QuantmillError
+
+# The flows (torch, prefect, mlflow) are imported inside serve() and the scan, as the CLI's other
+# layers are (cli.py): `quantmill --help` imports this module.
+
 DEFAULT_CRON = "0 * * * *"  # hourly
 GPU_LIMIT = "gpu"
 
@@ -76,8 +81,6 @@ def serve(
 ) -> None:
     """Serve the quantize and requantize deployments from this process (Ctrl-C stops)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from quantmill.core.errors import QuantmillError
-
     try:
         if watch is not None:
             from quantmill.flows.requantize import load_watch

@@ -18,6 +18,7 @@ class QuantizedLM:
     """Generates text for each prompt: greedy at temperature 0, sampled (top-p) above."""
 
     def __init__(self, folder: str | Path) -> None:
+        # torch and transformers when MLflow builds the model, not when it imports this loader.
         from quantmill.io.checkpoint import load_quantized
         from quantmill.io.sources import load_tokenizer
 

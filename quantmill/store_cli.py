@@ -12,6 +12,9 @@ import typer
 
 from quantmill.core.errors import QuantmillError
 
+# The store is imported inside the commands, as the CLI's other layers are (cli.py), so building
+# the command table stays cheap.
+
 GC_AGE_ENV = "QUANTMILL_GC_OLDER_THAN"
 DEFAULT_GC_AGE = "7d"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

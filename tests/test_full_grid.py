@@ -16,7 +16,7 @@ from quantmill.io.sources import load_model
 from quantmill.methods.base import MethodContext
 from quantmill.methods.recipe import Recipe
 from quantmill.methods.recipe_files import builtin_recipes, load_recipe
-from quantmill.methods.registry import METHODS, check_recipe
+from quantmill.methods.registry import REGISTRY, check_recipe
 from quantmill.solvers.gptq import GPTQOptions, gptq_quantize
 from tests.tiny import make_tiny_llama
 
@@ -158,7 +158,7 @@ def test_transformers_and_quantmill_load_the_same_logits(tiny, tmp_path, name):
     if recipe.weights.group_size == 64:  # the tiny model is 64 wide: groups of 32 keep 2 per row
         recipe = recipe.model_copy(update={"weights": recipe.weights.model_copy(update={"group_size": 32})})
     model = load_model(tiny)
-    result = METHODS[recipe.method](MethodContext(model, recipe, {}, _calibration(), torch.device("cpu")))
+    result = REGISTRY[recipe.method].run(MethodContext(model, recipe, {}, _calibration(), torch.device("cpu")))
     save_quantized(model, result.weights, recipe, tmp_path / "q", {"recipe": name}, tokenizer_dir=tiny)
     config = (tmp_path / "q" / "config.json").read_text()
     assert '"pack-quantized"' in config

@@ -10,7 +10,7 @@ import yaml
 from quantmill.core.errors import QuantmillError, RecipeError
 from quantmill.methods.recipe import Recipe
 from quantmill.methods.recipe_files import RECIPES_DIR, builtin_recipes, load_recipe, parse_recipe
-from quantmill.methods.registry import METHODS
+from quantmill.methods.registry import REGISTRY
 
 BUILTINS = sorted(builtin_recipes())
 
@@ -48,7 +48,7 @@ def test_builtin_recipe_loads_by_name_and_by_path_with_its_file_name(name) -> No
     recipe = load_recipe(name)
     assert isinstance(recipe, Recipe)
     assert recipe.name == name  # the file name is the name users type
-    assert recipe.method in METHODS
+    assert recipe.method in REGISTRY
     assert load_recipe(str(builtin_recipes()[name])) == recipe
 
 
@@ -133,7 +133,7 @@ def test_activation_bits_4_says_activations_must_be_8_bit(tmp_path) -> None:
 def test_unknown_method_lists_the_known_methods(tmp_path) -> None:
     message = _error(_write(tmp_path, {**VALID, "method": "magic"}))
     assert "unknown method 'magic'" in message
-    for name in METHODS:
+    for name in REGISTRY:
         assert name in message
 
 

@@ -76,18 +76,19 @@ def test_bumping_a_stage_version_changes_its_keys_only(monkeypatch) -> None:
 
 
 def test_bumping_a_method_version_changes_that_methods_quantize_keys_only(monkeypatch) -> None:
-    from quantmill.methods.registry import METHODS, METHOD_VERSIONS
+    from dataclasses import replace
+
     from quantmill.methods.recipe_files import load_recipe
+    from quantmill.methods.registry import REGISTRY
     from quantmill.tasks.quantize import quantize_key
 
-    assert set(METHOD_VERSIONS) == set(METHODS)
     gptq, rtn = load_recipe("w4a16-gptq"), load_recipe("w4a16-rtn")
     keys = lambda: (quantize_key("m", "c", "s", gptq), quantize_key("m", "c", "s", rtn))  # noqa: E731
-    monkeypatch.setitem(METHOD_VERSIONS, "gptq", 1)  # version 1 is implied: stores made before versions still match
+    monkeypatch.setitem(REGISTRY, "gptq", replace(REGISTRY["gptq"], version=1))  # version 1 is implied: stores made before versions still match
     inputs = {"model": "m", "calibration": "c", "stats": "s"}
     assert quantize_key("m", "c", "s", gptq) == stage_key("quantize", {"recipe_hash": gptq.hash}, inputs)
     gptq_before, rtn_before = keys()
-    monkeypatch.setitem(METHOD_VERSIONS, "gptq", 2)
+    monkeypatch.setitem(REGISTRY, "gptq", replace(REGISTRY["gptq"], version=2))
     gptq_after, rtn_after = keys()
     assert gptq_after != gptq_before and rtn_after == rtn_before
 

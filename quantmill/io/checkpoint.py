@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,11 @@ from safetensors import safe_open
 from quantmill.core.errors import RecipeError
 from quantmill.core.qparams import QuantizedWeight
 from quantmill.io.layout import LINEAGE_FILE, RECIPE_FILE, TOKENIZER_FILES, read_tensors
+from quantmill.io.llm_int8_checkpoint import FORMAT as LLM_INT8_FORMAT
 from quantmill.io.llm_int8_checkpoint import is_llm_int8, load_llm_int8, save_llm_int8
-from quantmill.methods.base import is_ignored
+from quantmill.methods.base import COMPRESSED_TENSORS, is_ignored
 from quantmill.methods.recipe import Recipe
+from quantmill.methods.registry import REGISTRY
 from quantmill.model.sequential import release_host_memory
 from quantmill.nn.quant_linear import QuantLinear, QuantScheme
 
@@ -102,6 +105,24 @@ def save_quantized(
     input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     release_weights: bool = False,
 ) -> None:
+    """Write `model` with `weights` in the checkpoint format the recipe's method names in the
+    registry (WRITERS: one writer per format); see `save_compressed_tensors` for the arguments."""
+    fmt = REGISTRY[recipe.method].checkpoint_format
+    if fmt not in WRITERS:
+        raise RecipeError(f"recipe {recipe.name}: method {recipe.method} writes {fmt!r}, which no checkpoint writer handles")
+    WRITERS[fmt](model, weights, recipe, dst, lineage, tokenizer_dir, input_qparams, release_weights)
+
+
+def save_compressed_tensors(
+    model: nn.Module,
+    weights: dict[str, QuantizedWeight],
+    recipe: Recipe,
+    dst: Path,
+    lineage: dict[str, Any],
+    tokenizer_dir: Path | None = None,
+    input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    release_weights: bool = False,
+) -> None:
     """Write `model` with `weights` (module name -> integer or fp8 weight) in the compressed-tensors
     layout; static activation recipes also need `input_qparams` (module name -> input scale and
     zero point), saved as `input_scale` (+ `input_zero_point` when asymmetric).
@@ -114,8 +135,6 @@ def save_quantized(
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
 
-    if recipe.method == "llm_int8":  # no compressed-tensors format: quantmill's own (see that module)
-        return save_llm_int8(model, weights, recipe, dst, lineage, tokenizer_dir)
     _quiet_compressed_tensors()
     input_qparams = input_qparams or {}
     _check_method_output(recipe, weights, input_qparams)
@@ -155,6 +174,21 @@ def save_quantized(
                 shutil.copy2(tokenizer_dir / fname, dst / fname)
     (dst / RECIPE_FILE).write_text(recipe.to_yaml())
     (dst / LINEAGE_FILE).write_text(json.dumps({**lineage, "format": fmt}, indent=2, sort_keys=True, default=str))
+
+
+def _save_llm_int8(
+    model: nn.Module,
+    weights: dict[str, QuantizedWeight],
+    recipe: Recipe,
+    dst: Path,
+    lineage: dict[str, Any],
+    tokenizer_dir: Path | None = None,
+    input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    release_weights: bool = False,
+) -> None:
+    """LLM.int8(): quantizes its inputs itself at run time, so input_qparams never apply; the
+    model is not modified, so there is nothing to release early."""
+    save_llm_int8(model, weights, recipe, dst, lineage, tokenizer_dir)
 
 
 def _check_method_output(recipe: Recipe, weights: dict[str, QuantizedWeight], input_qparams: dict[str, Any]) -> None:
@@ -362,3 +396,10 @@ def size_report(folder: str | Path) -> dict[str, Any]:
 
 
 _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "BOOL": 8}
+
+
+# checkpoint format (a registry entry's `checkpoint_format`) -> the function that writes it.
+WRITERS: dict[str, Callable[..., None]] = {
+    COMPRESSED_TENSORS: save_compressed_tensors,
+    LLM_INT8_FORMAT: _save_llm_int8,
+}

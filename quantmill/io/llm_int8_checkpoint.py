@@ -33,11 +33,11 @@ from safetensors.torch import save_file
 from quantmill.core.errors import RecipeError
 from quantmill.core.qparams import QuantizedWeight
 from quantmill.io.layout import LINEAGE_FILE, RECIPE_FILE, TOKENIZER_FILES, read_tensors
-from quantmill.methods.llm_int8 import llm_int8_threshold, llm_int8_zero_point
+from quantmill.methods.llm_int8 import CHECKPOINT_FORMAT, llm_int8_threshold, llm_int8_zero_point
 from quantmill.methods.recipe import Recipe
 from quantmill.nn.llm_int8 import LLMInt8Linear, inputs_label, validate_threshold
 
-FORMAT = "quantmill-llm-int8"
+FORMAT = CHECKPOINT_FORMAT
 WEIGHTS_FILE = "llm_int8.safetensors"
 
 

@@ -22,6 +22,9 @@ from quantmill.model.arch import decoder_layers, layout_of
 from quantmill.model.sequential import BlockInputs
 from quantmill.solvers.observers import ActivationStats
 
+# The checkpoint format of every method that writes plain quantized Linears (quantmill/io/checkpoint.py).
+COMPRESSED_TENSORS = "compressed-tensors"
+
 
 @dataclass
 class MethodContext:

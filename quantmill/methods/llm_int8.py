@@ -15,7 +15,7 @@ from quantmill.methods.base import MethodContext, MethodResult, check_options, t
 from quantmill.methods.recipe import Recipe
 from quantmill.nn.llm_int8 import DEFAULT_THRESHOLD, LLMInt8Linear, inputs_label, validate_threshold
 
-
+CHECKPOINT_FORMAT = "quantmill-llm-int8"  # compressed-tensors has none for the outlier split
 LLM_INT8_OPTIONS = {"threshold", "zero_point"}
 
 

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from quantmill.core.errors import RecipeError
 from quantmill.methods.recipe import Recipe
-from quantmill.methods.registry import METHODS, check_recipe
+from quantmill.methods.registry import REGISTRY, check_recipe
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -33,8 +33,8 @@ def parse_recipe(data: Any, origin: str) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(f"recipe {origin}: {_first_error(err)}") from None
-    if recipe.method not in METHODS:
-        raise RecipeError(f"recipe {origin}: unknown method {recipe.method!r} (known: {', '.join(sorted(METHODS))})")
+    if recipe.method not in REGISTRY:
+        raise RecipeError(f"recipe {origin}: unknown method {recipe.method!r} (known: {', '.join(sorted(REGISTRY))})")
     try:
         check_recipe(recipe)  # ignore patterns compile, method options known and in range: before any work
     except RecipeError as err:

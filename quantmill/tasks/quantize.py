@@ -20,7 +20,7 @@ from quantmill.io.checkpoint import save_quantized
 from quantmill.io.sources import load_model
 from quantmill.methods.base import MethodContext, target_linears
 from quantmill.methods.recipe import Recipe
-from quantmill.methods.registry import METHODS, METHOD_VERSIONS
+from quantmill.methods.registry import REGISTRY
 from quantmill.model.sequential import finished_blocks, pick_device, release_host_memory, return_large_frees_to_os
 from quantmill.model.stats import load_stats
 from quantmill.tasks.calibrate import read_token_table
@@ -34,9 +34,9 @@ STAGE = "quantize"
 
 def quantize_key(model_key: str, calibration_key: str, stats_key: str, recipe: Recipe) -> str:
     """The store key of one quantization. A method's code version enters the key once it is bumped
-    past 1 (METHOD_VERSIONS), so entries made before methods had versions keep their keys."""
+    past 1 (its registry entry's `version`), so entries made before methods had versions keep their keys."""
     params: dict[str, Any] = {"recipe_hash": recipe.hash}
-    version = METHOD_VERSIONS.get(recipe.method, 1)
+    version = REGISTRY[recipe.method].version
     if version != 1:
         params["method_version"] = version
     return stage_key(STAGE, params, {"model": model_key, "calibration": calibration_key, "stats": stats_key})
@@ -112,7 +112,7 @@ def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str
             partial_dir=tmp / "partial",
             on_block_done=on_block_done,
         )
-        result = METHODS[recipe.method](ctx)
+        result = REGISTRY[recipe.method].run(ctx)
         seconds = time.perf_counter() - start
         release_host_memory()  # the method's temporaries, before the checkpoint is written
         modules = len(result.weights)
