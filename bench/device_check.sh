@@ -52,7 +52,7 @@ tests_rc=${PIPESTATUS[0]}
 echo "== bench/gpu.py"
 # BENCH_ARGS replaces the bench's arguments (a smoke run here: "--device cpu --shape tiny ...").
 # GPTQ first (the 120 s target); rtn last: it quantizes on the host CPU whatever the device
-# (quantmill/methods/registry.py), ~300 s per Llama-3-8B block on 2 shared cores here, so a timeout cuts it first.
+# (quantmill/methods/rtn.py), ~300 s per Llama-3-8B block on 2 shared cores here, so a timeout cuts it first.
 BENCH_ARGS=${BENCH_ARGS:---device cuda --shape llama3-8b --blocks $BLOCKS --calib-samples 128 --seq-len 2048 --methods gptq,smoothquant,awq,rtn}
 # shellcheck disable=SC2086
 timeout "$BENCH_TIMEOUT" $PY bench/gpu.py $BENCH_ARGS --workdir /tmp --json "$OUT/gpu-bench.json" \

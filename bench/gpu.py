@@ -37,7 +37,7 @@ memory, one decoder block's weights + the calibration activations (N x L x hidde
 dtype) + 2 GB. host peak: the process's peak resident set over the row (Linux VmHWM, reset before
 each row), which includes the float model's host copy and the bench's copy of the blocks' float
 weights (host base, the resident set when the row starts). GB are 10^9 bytes. rtn quantizes where
-the model lies, on the host, whatever --device says (quantmill/methods/registry.py), as does smoothquant's
+the model lies, on the host, whatever --device says (quantmill/methods/rtn.py), as does smoothquant's
 final RTN pass: on a GPU machine those rows time its CPU.
 """
 

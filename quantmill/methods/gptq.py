@@ -1,6 +1,6 @@
 """GPTQ over a whole model: the sequential engine feeds each block's Linear inputs into Hessians,
-the solver in quantmill/solvers/gptq.py quantizes each Linear, and the quantized block produces the next
-block's inputs (so the error of earlier blocks is seen by later ones, as in the paper).
+the solver in quantmill/solvers/gptq.py quantizes each Linear, and the quantized block produces
+the next block's inputs (so the error of earlier blocks is seen by later ones, as in the paper).
 
 Linears that read the same tensor (q/k/v; gate/up) share one Hessian. With `true_sequential`
 the groups of a block are quantized in forward order, each seeing the already-quantized ones.
@@ -8,7 +8,8 @@ Per-block results go to the engine's partial folder, so a killed run resumes at 
 and ends bit-identical to an uninterrupted one.
 
 `quantize_block` is the per-block step with the per-Linear quantizer as a parameter (GPTQ here;
-AWQ in quantmill/methods/{llm_int8,awq,smoothquant}.py scales a block first, then calls it with GPTQ or RTN).
+AWQ and SmoothQuant, quantmill/methods/awq.py and smoothquant.py, scale a block first, then call
+it with GPTQ or RTN).
 """
 
 from __future__ import annotations
