@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 DEMO_RECIPES ?= w8a16-rtn w4a16-rtn w4a16-rtn-g64 w4a16-rtn-g64-asym
 
-.PHONY: setup demo test test-fast bench-peers bench-llmc clean-venv chromium
+.PHONY: setup demo test test-fast bench-peers bench-llmc bench-compare-stores clean-venv chromium
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ test: setup chromium
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# Every built-in recipe on the tiny model with the code of REV and with this checkout: the same
+# store keys and byte-identical quantized tensors, or exit 1 (a refactor's proof of no change).
+REV ?= acb07f7
+bench-compare-stores: setup
+	nice -n 10 $(PY) bench/compare_stores.py --rev $(REV)
 
 # The peer tools (torchao, bitsandbytes) for bench/peers.py, outside quantmill's own venv: a second
 # venv that sees the first through a .pth file and adds only the peers (--no-deps: torch, numpy and

@@ -53,8 +53,8 @@ if TYPE_CHECKING:
 
 
 def first_window(model_dir: Path, spec) -> "torch.Tensor":
-    from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
-    from quant.sources import load_tokenizer
+    from quantmill.model.calibration import first_windows, load_text, parse_spec, tokenize_prefix
+    from quantmill.io.sources import load_tokenizer
 
     text = load_text(parse_spec(spec.dataset))
     tokens = tokenize_prefix(load_tokenizer(model_dir), text, spec.seq_len)
@@ -66,7 +66,7 @@ def transformers_gap(checkpoint: Path, window) -> tuple[float, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from quant.checkpoint import load_quantized
+    from quantmill.io.checkpoint import load_quantized
 
     with torch.no_grad():
         ours = load_quantized(checkpoint)(input_ids=window, use_cache=False).logits
@@ -82,9 +82,9 @@ def kind(module: str) -> str:
 def observer_tables(rows: list[dict], stats_dir: Path) -> tuple[str, str]:
     """Per static recipe and Linear kind, and for the largest-activation modules: the ranges from
     each quantize entry's report.json, the errors recomputed from the stored stats."""
-    from quant.recipe import load_recipe
-    from quant.schemes import input_rel_rmse
-    from quant.stats import load_stats
+    from quantmill.methods.recipe_files import load_recipe
+    from quantmill.methods.schemes import input_rel_rmse
+    from quantmill.model.stats import load_stats
 
     stats = load_stats(stats_dir)
     reports = {}
@@ -136,11 +136,11 @@ def ablation(summary: dict, model_dir: Path, spec, n_windows: int) -> str:
 
     import torch
 
-    from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
-    from quant.checkpoint import load_quantized
-    from quant.evaluate import evaluate_windows
-    from quant.modules import QuantLinear
-    from quant.sources import load_model, load_tokenizer
+    from quantmill.model.calibration import first_windows, load_text, parse_spec, tokenize_prefix
+    from quantmill.io.checkpoint import load_quantized
+    from quantmill.eval.evaluate import evaluate_windows
+    from quantmill.nn.quant_linear import QuantLinear
+    from quantmill.io.sources import load_model, load_tokenizer
 
     rows = {r["recipe"]: r for r in summary["rows"]}
     static = [r for r in summary["rows"] if r["recipe"].startswith("w8a8-static")]
@@ -153,10 +153,10 @@ def ablation(summary: dict, model_dir: Path, spec, n_windows: int) -> str:
     out = []
     for name in picks:
         model = load_quantized(Path(rows[name]["checkpoint"]))
-        quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-        schemes = {n: m.scheme for n, m in quant.items()}
+        qlinears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        schemes = {n: m.scheme for n, m in qlinears.items()}
         for label in ("all inputs quantized", "q/k/v", "o_proj", "gate/up", "down_proj"):
-            for n, m in quant.items():
+            for n, m in qlinears.items():
                 m.scheme = dataclasses.replace(schemes[n], act="none") if kind(n) == label else schemes[n]
             with torch.no_grad():
                 ppl = evaluate_windows(model, windows).ppl
@@ -172,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation-windows", type=int, default=8, help="0: skip the per-Linear-kind ablation")
     args = parser.parse_args(argv)
 
-    from flows.quantize import quantize_flow
-    from tasks.calibrate import EvaluationSpec
-    from tasks.store import Store
+    from quantmill.flows.quantize import quantize_flow
+    from quantmill.tasks.calibrate import EvaluationSpec
+    from quantmill.tasks.store import Store
 
     start = time.perf_counter()
     summary = quantize_flow(model=args.model, recipes=args.recipe or RECIPES)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/awq_gram_check.py --samples 16 --seq-len 512
 
-quant.awq.awq_search_scales scores each ratio as sum((D G) * D) with G = X^T X in float64; the
+quantmill.solvers.awq.awq_search_scales scores each ratio as sum((D G) * D) with G = X^T X in float64; the
 paper's (and llm-compressor's) direct form is mean((X W^T - (X / s) Q(W s)^T)^2) in float32. This
 runs the w4a16-awq-g64 recipe on the demo model (de-quantized once, as bench/vs_llmcompressor.py
 does) with every search computed both ways, and prints per group the largest relative difference
@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 warnings.filterwarnings("ignore")
 
-from quantmill.threads import prefer_passive_waits  # noqa: E402
+from quantmill.core.threads import prefer_passive_waits  # noqa: E402
 
-prefer_passive_waits()  # before torch (quantmill/threads.py says why)
+prefer_passive_waits()  # before torch (quantmill/core/threads.py says why)
 
 import torch  # noqa: E402
 
@@ -35,7 +35,7 @@ from bench.vs_llmcompressor import calibration_ids, float_checkpoint  # noqa: E4
 @torch.no_grad()
 def direct_errors(linears, inputs, act_mean_abs, bits, group_size, symmetric, grid, col_index) -> list[float]:
     """The search's error curve computed as the paper writes it (the code before the Gram form)."""
-    from quant.awq import _rtn, normalised_scales
+    from quantmill.solvers.awq import _rtn, normalised_scales
 
     C = linears[0].in_features
     X = inputs.reshape(-1, C).float()
@@ -59,10 +59,11 @@ def main() -> None:
     ap.add_argument("--recipe", default="w4a16-awq-g64")
     args = ap.parse_args()
 
-    import quant.awq as awq
-    from quant.methods import METHODS, MethodContext
-    from quant.recipe import load_recipe
-    from quant.sources import load_model
+    import quantmill.solvers.awq as awq
+    from quantmill.methods.base import MethodContext
+    from quantmill.methods.registry import REGISTRY
+    from quantmill.methods.recipe_files import load_recipe
+    from quantmill.io.sources import load_model
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,7 @@ def main() -> None:
     awq.awq_search_scales = both
     recipe = load_recipe(args.recipe)
     model = load_model(folder)
-    METHODS[recipe.method](MethodContext(model=model, recipe=recipe, stats={}, calibration=ids, device=torch.device("cpu")))
+    REGISTRY[recipe.method].run(MethodContext(model=model, recipe=recipe, stats={}, calibration=ids, device=torch.device("cpu")))
     print(f"{args.recipe} on {folder}, {args.samples} x {args.seq_len} calibration tokens, torch {torch.__version__}")
     print(table(["group (first Linear)", "max rel. diff of errors", "gram ratio i", "direct ratio i", "same choice"], rows))
     print(f"groups {len(rows)}, same choice {len(rows) - mismatches}; search time: gram form {seconds['gram']:.1f} s, direct form {seconds['direct']:.1f} s")

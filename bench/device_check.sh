@@ -2,7 +2,7 @@
 # Issue 19, item 5: the GPU checks as one command for a lent device machine (an H100/H200 with its
 # own python3, torch and transformers, and no package registry).
 #
-# 1. Here, once (pydantic and its helpers are not in the device image; quant/recipe.py needs them):
+# 1. Here, once (pydantic and its helpers are not in the device image; quantmill/methods/recipe.py needs them):
 #        bash bench/device_check.sh --wheels     # pip download into .whl/gpu-bench/ (git-ignored), 2.8 MB
 # 2. With the device tool:
 #        run(command="bash bench/device_check.sh", carry=[".whl/gpu-bench"], timeout_s=540)
@@ -52,7 +52,7 @@ tests_rc=${PIPESTATUS[0]}
 echo "== bench/gpu.py"
 # BENCH_ARGS replaces the bench's arguments (a smoke run here: "--device cpu --shape tiny ...").
 # GPTQ first (the issue's 120 s target); rtn last: it quantizes on the host CPU whatever the device
-# (quant/methods.py), ~300 s per Llama-3-8B block on 2 shared cores here, so a timeout cuts it first.
+# (quantmill/methods/rtn.py), ~300 s per Llama-3-8B block on 2 shared cores here, so a timeout cuts it first.
 BENCH_ARGS=${BENCH_ARGS:---device cuda --shape llama3-8b --blocks $BLOCKS --calib-samples 128 --seq-len 2048 --methods gptq,smoothquant,awq,rtn}
 # shellcheck disable=SC2086
 timeout "$BENCH_TIMEOUT" $PY bench/gpu.py $BENCH_ARGS --workdir /tmp --json "$OUT/gpu-bench.json" \

@@ -36,7 +36,7 @@ def split_linear(linear, scheme, quant_weights: bool, quant_inputs: bool):
     import torch.nn.functional as F
     from torch import nn
 
-    from quant.modules import QuantLinear
+    from quantmill.nn.quant_linear import QuantLinear
 
     class Split(nn.Module):
         def __init__(self) -> None:
@@ -57,7 +57,7 @@ def split_linear(linear, scheme, quant_weights: bool, quant_inputs: bool):
 def quantized_model(model_dir: Path, scheme, quant_weights: bool, quant_inputs: bool, kind: str | None):
     from torch import nn
 
-    from quant.sources import load_model
+    from quantmill.io.sources import load_model
 
     model = load_model(model_dir).eval()
     for name, linear in list(model.named_modules()):
@@ -80,13 +80,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from quant.calibration import first_windows, tokenize_prefix
-    from quant.evaluate import evaluate_windows
-    from quant.modules import QuantScheme
-    from quant.sources import load_model, load_tokenizer
-    from tasks.calibrate import CalibrationSpec, calibration_key, read_token_table
-    from tasks.resolve import resolve_key
-    from tasks.store import Store
+    from quantmill.model.calibration import first_windows, tokenize_prefix
+    from quantmill.eval.evaluate import evaluate_windows
+    from quantmill.nn.quant_linear import QuantScheme
+    from quantmill.io.sources import load_model, load_tokenizer
+    from quantmill.tasks.calibrate import CalibrationSpec, calibration_key, read_token_table
+    from quantmill.tasks.resolve import resolve_key
+    from quantmill.tasks.store import Store
 
     torch.set_grad_enabled(False)
     store = Store()

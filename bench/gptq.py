@@ -5,7 +5,7 @@ the peak host memory of the quantize stage.
 
 How it measures:
 1. Each recipe's quantize stage runs in a fresh Python process (a one-task Prefect flow around
-   `tasks.quantize.quantize`), writing into a scratch store whose shared stages (resolve,
+   `quantmill.tasks.quantize.quantize`), writing into a scratch store whose shared stages (resolve,
    calibration, stats) are links to $QUANTMILL_HOME's. That process resets its peak-RSS mark
    (Linux /proc/self/clear_refs) just before the stage and reads VmHWM after it, so the number is
    the quantize stage's own peak, not that of earlier stages or of the evaluation. The finished
@@ -13,7 +13,7 @@ How it measures:
    The measurement is recorded in $QUANTMILL_HOME/bench/gptq/<quantize key>.json; a later run
    reuses it while the entry exists (`--remeasure` measures again). A GPTQ stage takes tens of
    minutes on 2 shared cores, so this saves hours.
-2. The quantize flow (`flows.quantize.quantize_flow`, in this process, default calibration
+2. The quantize flow (`quantmill.flows.quantize.quantize_flow`, in this process, default calibration
    64 x 512 and evaluation 32 x 512) then evaluates every recipe; resolve, calibration, stats,
    the float evaluation and every quantize entry are served from the store.
 
@@ -98,7 +98,7 @@ def peak_mb() -> float:
 # ---------------------------------------------------------------- child: one quantize stage, measured
 
 def _specs(args):
-    from tasks.calibrate import CalibrationSpec, EvaluationSpec
+    from quantmill.tasks.calibrate import CalibrationSpec, EvaluationSpec
 
     return CalibrationSpec(samples=args.calib_samples, seq_len=args.seq_len), EvaluationSpec(windows=args.eval_windows, seq_len=args.seq_len)
 
@@ -107,11 +107,11 @@ def measure_child(args) -> None:
     """Runs in a fresh process with QUANTMILL_HOME = the scratch store; writes one JSON line."""
     from prefect import flow
 
-    from quant.recipe import load_recipe
-    from tasks.calibrate import capture_calibration
-    from tasks.quantize import quantize
-    from tasks.resolve import resolve_model
-    from tasks.stats import collect_stats
+    from quantmill.methods.recipe_files import load_recipe
+    from quantmill.tasks.calibrate import capture_calibration
+    from quantmill.tasks.quantize import quantize
+    from quantmill.tasks.resolve import resolve_model
+    from quantmill.tasks.stats import collect_stats
 
     calibration, _ = _specs(args)
 
@@ -324,14 +324,14 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below (our Prefect server)
     server = start_prefect_server()  # before prefect is imported: its settings read PREFECT_API_URL once
-    from quant.recipe import load_recipe
-    from tasks.quantize import quantize_key
-    from tasks.store import default_root
+    from quantmill.methods.recipe_files import load_recipe
+    from quantmill.tasks.quantize import quantize_key
+    from quantmill.tasks.store import default_root
 
     home = default_root()
     home.mkdir(parents=True, exist_ok=True)
     try:
-        from flows.quantize import quantize_flow
+        from quantmill.flows.quantize import quantize_flow
 
         calibration, evaluation = _specs(args)
         # The shared stages (resolve, calibration, stats, float evaluation) first, so that every
@@ -362,7 +362,7 @@ def main() -> None:
         print()
         import torch
 
-        from quant.sequential import pick_device
+        from quantmill.model.sequential import pick_device
 
         device = pick_device()
         accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"

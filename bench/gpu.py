@@ -5,10 +5,10 @@ device memory and peak host memory (issue 19, item 5).
     .venv/bin/python bench/gpu.py --shape tiny --device cpu --calib-samples 16 --seq-len 64
 
 What it runs: the library calls the pipeline's stages make, not a re-implementation.
-- `stats`: `quant.stats.collect_stats` on the float model (batch 8, as tasks/stats.py), the
+- `stats`: `quantmill.model.stats.collect_stats` on the float model (batch 8, as quantmill/tasks/stats.py), the
   collect_stats stage's work; rtn's clip search and smoothquant read these statistics.
-- one row per method: `quant.methods.METHODS[recipe.method](MethodContext(...))`, the call
-  tasks/quantize.py makes, with a partial folder as the stage has (each block's result and the
+- one row per method: `quantmill.methods.registry.REGISTRY[recipe.method].run(MethodContext(...))`, the call
+  quantmill/tasks/quantize.py makes, with a partial folder as the stage has (each block's result and the
   next block's inputs written to disk; `--no-partial` leaves that out). The recipes are the
   built-in ones with the group size set to `--group-size` (128 by default):
   w4a16-rtn-g64, w4a16-gptq-g64, w4a16-awq-g64 become ...-g128; smoothquant is
@@ -18,7 +18,7 @@ and save_quantized), and the calibration stage.
 
 The model: transformers' LlamaConfig / LlamaForCausalLM built on the meta device, then materialised
 part by part (embeddings, each decoder block, norm, lm_head) with seeded random weights (normal,
-std 0.02; norms 1), in float32 by default, the dtype the quantize stage loads (quant.sources.
+std 0.02; norms 1), in float32 by default, the dtype the quantize stage loads (quantmill.io.sources.
 load_model). `--blocks k` builds only the first k of the shape's decoder blocks: every block has
 the same shape, so the totals for the whole shape are extrapolated and the table says so.
 The calibration set is N x L token ids drawn uniformly at random over the vocabulary (seeded):
@@ -37,7 +37,7 @@ memory, one decoder block's weights + the calibration activations (N x L x hidde
 dtype) + 2 GB. host peak: the process's peak resident set over the row (Linux VmHWM, reset before
 each row), which includes the float model's host copy and the bench's copy of the blocks' float
 weights (host base, the resident set when the row starts). GB are 10^9 bytes. rtn quantizes where
-the model lies, on the host, whatever --device says (quant/methods.py), as does smoothquant's
+the model lies, on the host, whatever --device says (quantmill/methods/rtn.py), as does smoothquant's
 final RTN pass: on a GPU machine those rows time its CPU.
 """
 
@@ -62,9 +62,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 warnings.filterwarnings("ignore")
 
-from quantmill.threads import prefer_passive_waits  # noqa: E402
+from quantmill.core.threads import prefer_passive_waits  # noqa: E402
 
-prefer_passive_waits()  # before torch (quantmill/threads.py says why)
+prefer_passive_waits()  # before torch (quantmill/core/threads.py says why)
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -88,7 +88,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 # method -> the built-in recipe it runs (group size replaced by --group-size where it has groups)
 METHOD_RECIPES = {"rtn": "w4a16-rtn-g64", "gptq": "w4a16-gptq-g64", "awq": "w4a16-awq-g64", "smoothquant": "w8a8-smoothquant-auto"}
-STATS_BATCH_SIZE = 8  # tasks/stats.py's BATCH_SIZE (importing tasks/ would need prefect)
+STATS_BATCH_SIZE = 8  # quantmill/tasks/stats.py's BATCH_SIZE (importing tasks/ would need prefect)
 BUDGET_SLACK_BYTES = 2e9  # issue 19: "one decoder block's weights + the calibration activations + 2 GB"
 GB = 1e9
 
@@ -138,7 +138,8 @@ def restore_params(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
 
 
 def bench_recipe(method: str, group_size: int):
-    from quant.recipe import Recipe, load_recipe
+    from quantmill.methods.recipe import Recipe
+    from quantmill.methods.recipe_files import load_recipe
 
     recipe = load_recipe(METHOD_RECIPES[method])
     body = recipe.model_dump(mode="json")
@@ -157,7 +158,7 @@ def _sync(device: torch.device) -> None:
 
 def measure(label: str, recipe_name: str, device: torch.device, blocks: int, full_blocks: int, work) -> dict[str, Any]:
     """Run `work(on_block_done)` once; its wall time, per-block callback intervals and peaks."""
-    from quant.sequential import release_host_memory
+    from quantmill.model.sequential import release_host_memory
 
     gc.collect()
     release_host_memory()
@@ -196,9 +197,10 @@ def measure(label: str, recipe_name: str, device: torch.device, blocks: int, ful
 
 def run(args: argparse.Namespace, on_row=None) -> dict[str, Any]:
     """The stats row, then one row per method; `on_row(result so far)` after each row."""
-    from quant.methods import METHODS, MethodContext
-    from quant.sequential import pick_device
-    from quant.stats import collect_stats
+    from quantmill.methods.base import MethodContext
+    from quantmill.methods.registry import REGISTRY
+    from quantmill.model.sequential import pick_device
+    from quantmill.model.stats import collect_stats
     import transformers
 
     shape = SHAPES[args.shape]
@@ -257,7 +259,7 @@ def run(args: argparse.Namespace, on_row=None) -> dict[str, Any]:
 
             def work(done, recipe=recipe, method=method):
                 ctx = MethodContext(model=model, recipe=recipe, stats=stats_holder["stats"], calibration=ids, device=device, partial_dir=partial(method), on_block_done=done)
-                return len(METHODS[recipe.method](ctx).weights)
+                return len(REGISTRY[recipe.method].run(ctx).weights)
 
             rows.append(measure(method, recipe.name, device, blocks, full_blocks, work))
             _row_done(result, on_row)

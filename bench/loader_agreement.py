@@ -1,7 +1,7 @@
 """Do transformers (with compressed-tensors) and quantmill's own loader give the same logits for
 every quantized checkpoint in the store? Prints one row per checkpoint: max |logit difference|
 over the first eval windows. With --compressed-tensors-grid, quantmill's dynamic int8 inputs use
-compressed-tensors' grid (quant.modules.compressed_tensors_dynamic_int8) instead of vLLM's: the
+compressed-tensors' grid (quantmill.nn.quant_linear.compressed_tensors_dynamic_int8) instead of vLLM's: the
 difference left is then the loaders', not the grids'.
 
     QUANTMILL_HOME=/tmp/qmdemo .venv/bin/python bench/loader_agreement.py [--windows 2] [--recipe NAME ...] [--compressed-tensors-grid]
@@ -22,12 +22,12 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
-    from quant.checkpoint import load_quantized
-    from quant.llm_int8_checkpoint import is_llm_int8
-    from quant.modules import QuantLinear, compressed_tensors_dynamic_int8
-    from quant.sources import load_tokenizer
-    from tasks.store import default_root
+    from quantmill.model.calibration import first_windows, load_text, parse_spec, tokenize_prefix
+    from quantmill.io.checkpoint import load_quantized
+    from quantmill.io.llm_int8_checkpoint import is_llm_int8
+    from quantmill.nn.quant_linear import QuantLinear, compressed_tensors_dynamic_int8
+    from quantmill.io.sources import load_tokenizer
+    from quantmill.tasks.store import default_root
 
     hf_logging.disable_progress_bar()
     parser = argparse.ArgumentParser()

@@ -48,7 +48,7 @@ from bench.tables import fmt, table  # noqa: E402  (after the sys.path line abov
 
 def details(row: dict, store, model_key: str, evaluation) -> str:
     """One line on what the method did, from its quantize entry (report, notes) and evaluate entry."""
-    from tasks.evaluate import evaluate_key
+    from quantmill.tasks.evaluate import evaluate_key
 
     qdir = Path(row["checkpoint"]).parent
     manifest = json.loads((qdir / "manifest.json").read_text())
@@ -93,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", type=Path, help="copy the stats entry's outlier plots into this folder")
     args = parser.parse_args(argv)
 
-    from flows.quantize import quantize_flow
-    from quant.outlier_report import CHANNELS_FILE, HEATMAP_FILE
-    from tasks.calibrate import EvaluationSpec
-    from tasks.store import Store
+    from quantmill.flows.quantize import quantize_flow
+    from quantmill.eval.outlier_report import CHANNELS_FILE, HEATMAP_FILE
+    from quantmill.tasks.calibrate import EvaluationSpec
+    from quantmill.tasks.store import Store
 
     recipes = args.recipe or W8A8 + W4
     start = time.perf_counter()

@@ -13,7 +13,7 @@ Each row pairs a quantmill recipe with the peer configuration that computes the 
 
 quantmill's numbers come from the quantize flow (cached stages are reused); the peer's model is
 quantized in memory from the same float checkpoint (lm_head left in float, as in every recipe)
-and scored by quant.evaluate.evaluate_windows on the same windows, against the same float model.
+and scored by quantmill.eval.evaluate.evaluate_windows on the same windows, against the same float model.
 So a difference between the two columns is a difference between the implementations, not the
 protocol. A peer that cannot run here (no kernel on this device) gets a row saying why.
 
@@ -137,12 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", default=None, help="evaluation dataset spec (default: the flow's, stdlib:eval)")
     args = parser.parse_args(argv)
 
-    from flows.quantize import quantize_flow
-    from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
-    from quant.evaluate import evaluate_windows
-    from quant.sources import load_model, load_tokenizer
-    from tasks.calibrate import EvaluationSpec
-    from tasks.store import Store
+    from quantmill.flows.quantize import quantize_flow
+    from quantmill.model.calibration import first_windows, load_text, parse_spec, tokenize_prefix
+    from quantmill.eval.evaluate import evaluate_windows
+    from quantmill.io.sources import load_model, load_tokenizer
+    from quantmill.tasks.calibrate import EvaluationSpec
+    from quantmill.tasks.store import Store
 
     pairs = peers()
     chosen = args.only or list(pairs)

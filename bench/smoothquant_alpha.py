@@ -2,7 +2,7 @@
 
 For each alpha choice (a fixed alpha, or the per-block alphas a smoothquant recipe's quantize entry
 recorded in its notes), smooth a fresh float model, fake-quantize every decoder Linear as W8A8
-with per-token inputs (quant.smoothquant.apply_fake_w8a8) and report ppl ratio, KL and top-1
+with per-token inputs (quantmill.solvers.smoothquant.apply_fake_w8a8) and report ppl ratio, KL and top-1
 agreement against the float model on
   - calib: calibration samples that the alpha search did not see (the search uses the first
     `search_samples`, 8; these are the last N of the 64, which the stats stage did see);
@@ -36,19 +36,19 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from quant.arch import decoder_layers, layout_of
-    from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
-    from quant.evaluate import evaluate_windows
-    from quant.outlier_methods import block_act_absmax, smooth_layer
-    from quant.recipe import load_recipe
-    from quant.smoothquant import apply_fake_w8a8
-    from quant.sources import load_model, load_tokenizer
-    from quant.stats import load_stats
-    from tasks.calibrate import CalibrationSpec, EvaluationSpec, calibration_key, read_token_table
-    from tasks.quantize import quantize_key
-    from tasks.resolve import resolve_key
-    from tasks.stats import stats_key
-    from tasks.store import Store
+    from quantmill.model.arch import decoder_layers, layout_of
+    from quantmill.model.calibration import first_windows, load_text, parse_spec, tokenize_prefix
+    from quantmill.eval.evaluate import evaluate_windows
+    from quantmill.methods.smoothquant import block_act_absmax, smooth_layer
+    from quantmill.methods.recipe_files import load_recipe
+    from quantmill.solvers.smoothquant import apply_fake_w8a8
+    from quantmill.io.sources import load_model, load_tokenizer
+    from quantmill.model.stats import load_stats
+    from quantmill.tasks.calibrate import CalibrationSpec, EvaluationSpec, calibration_key, read_token_table
+    from quantmill.tasks.quantize import quantize_key
+    from quantmill.tasks.resolve import resolve_key
+    from quantmill.tasks.stats import stats_key
+    from quantmill.tasks.store import Store
 
     torch.set_grad_enabled(False)
     store = Store()

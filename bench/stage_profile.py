@@ -7,7 +7,7 @@ takes any float checkpoint folder) cut to its first `--blocks` decoder blocks, o
 calibration token ids (`stdlib:calib`, seed 0):
 - `forward`: the sequential engine walking the blocks with nothing to do but the forward pass
   (block 0's inputs captured, each block run once over every batch): the floor of every stage;
-- `stats`: the statistics stage (quant.stats.collect_stats);
+- `stats`: the statistics stage (quantmill.model.stats.collect_stats);
 - one row per `--recipes` entry: the method as the quantize stage calls it (stats passed in).
 The ratio column is each row's time over `forward`. `--profile` prints cProfile's top functions
 by own time for each row, which is how the time in GPTQ was split in docs/BENCHMARKS.md.
@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 warnings.filterwarnings("ignore")
 
-from quantmill.threads import prefer_passive_waits  # noqa: E402
+from quantmill.core.threads import prefer_passive_waits  # noqa: E402
 
-prefer_passive_waits()  # before torch (quantmill/threads.py says why)
+prefer_passive_waits()  # before torch (quantmill/core/threads.py says why)
 
 import torch  # noqa: E402
 
@@ -39,8 +39,8 @@ from bench.vs_llmcompressor import calibration_ids, float_checkpoint  # noqa: E4
 
 
 def truncated_model(folder: Path, blocks: int):
-    from quant.arch import decoder_layers
-    from quant.sources import load_model
+    from quantmill.model.arch import decoder_layers
+    from quantmill.io.sources import load_model
 
     model = load_model(folder)
     layers = decoder_layers(model)
@@ -78,10 +78,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print cProfile's top functions per row")
     args = ap.parse_args()
 
-    from quant.methods import METHODS, MethodContext
-    from quant.recipe import load_recipe
-    from quant.sequential import run_sequential
-    from quant.stats import collect_stats
+    from quantmill.methods.base import MethodContext
+    from quantmill.methods.registry import REGISTRY
+    from quantmill.methods.recipe_files import load_recipe
+    from quantmill.model.sequential import run_sequential
+    from quantmill.model.stats import collect_stats
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -98,7 +99,7 @@ def main() -> None:
         recipe = load_recipe(name)
         model = truncated_model(folder, args.blocks)  # every method starts from the float weights
         ctx = MethodContext(model=model, recipe=recipe, stats=holder["stats"], calibration=ids, device=cpu)
-        rows.append((name, *timed(lambda: METHODS[recipe.method](ctx), args.profile)))
+        rows.append((name, *timed(lambda: REGISTRY[recipe.method].run(ctx), args.profile)))
 
     base = rows[0][1]
     print(f"{args.blocks} blocks of {folder.name}, {args.samples} x {args.seq_len} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")

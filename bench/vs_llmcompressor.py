@@ -50,9 +50,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 warnings.filterwarnings("ignore")
 
-from quantmill.threads import prefer_passive_waits  # noqa: E402
+from quantmill.core.threads import prefer_passive_waits  # noqa: E402
 
-prefer_passive_waits()  # before torch, for both tools (quantmill/threads.py says why)
+prefer_passive_waits()  # before torch, for both tools (quantmill/core/threads.py says why)
 
 HELDOUT = REPO / "bench" / "data" / "heldout.txt"
 # (row, quantmill recipe, llm-compressor scheme of bench/llmc_peer.py)
@@ -72,7 +72,7 @@ ROWS = [
 
 
 def float_checkpoint(work: Path, model: str | None) -> Path:
-    from quant.sources import convert_gguf, fetch_demo_gguf
+    from quantmill.io.sources import convert_gguf, fetch_demo_gguf
 
     if model:
         return Path(model)
@@ -86,8 +86,8 @@ def float_checkpoint(work: Path, model: str | None) -> Path:
 def calibration_ids(folder: Path, work: Path, samples: int, seq_len: int):
     import torch
 
-    from quant.calibration import load_text, pack_samples, parse_spec, tokenize
-    from quant.sources import load_tokenizer
+    from quantmill.model.calibration import load_text, pack_samples, parse_spec, tokenize
+    from quantmill.io.sources import load_tokenizer
 
     path = work / f"calib_ids_{samples}x{seq_len}.pt"
     if not path.is_file():
@@ -97,8 +97,8 @@ def calibration_ids(folder: Path, work: Path, samples: int, seq_len: int):
 
 
 def eval_windows(folder: Path, spec: str, windows: int, seq_len: int):
-    from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
-    from quant.sources import load_tokenizer
+    from quantmill.model.calibration import first_windows, load_text, parse_spec, tokenize_prefix
+    from quantmill.io.sources import load_tokenizer
 
     text = HELDOUT.read_text() if spec == "heldout" else load_text(parse_spec(spec))
     return first_windows(tokenize_prefix(load_tokenizer(folder), text, windows * seq_len), windows, seq_len)
@@ -138,11 +138,12 @@ def quantmill_quantize(folder: Path, ref: str, calibration, stats, out: Path) ->
     seconds: the span the peer's `oneshot` covers (its model is loaded before and saved after)."""
     import torch
 
-    import quant.qparams as qparams
-    from quant.checkpoint import save_quantized
-    from quant.methods import METHODS, MethodContext
-    from quant.recipe import load_recipe
-    from quant.sources import load_model
+    import quantmill.core.qparams as qparams
+    from quantmill.io.checkpoint import save_quantized
+    from quantmill.methods.base import MethodContext
+    from quantmill.methods.registry import REGISTRY
+    from quantmill.methods.recipe_files import load_recipe
+    from quantmill.io.sources import load_model
 
     name, _, variant = ref.partition("@")
     recipe = load_recipe(name)
@@ -155,7 +156,7 @@ def quantmill_quantize(folder: Path, ref: str, calibration, stats, out: Path) ->
         net = load_model(folder)
         start = time.perf_counter()
         ctx = MethodContext(model=net, recipe=recipe, stats=stats, calibration=calibration, device=torch.device("cpu"))
-        result = METHODS[recipe.method](ctx)
+        result = REGISTRY[recipe.method].run(ctx)
         seconds = time.perf_counter() - start
         save_quantized(net, result.weights, recipe, out, {"bench": "vs_llmcompressor"}, tokenizer_dir=folder,
                        input_qparams=result.input_qparams, release_weights=True)
@@ -206,8 +207,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from quant.sources import load_model
-    from quant.stats import collect_stats, load_stats, save_stats
+    from quantmill.io.sources import load_model
+    from quantmill.model.stats import collect_stats, load_stats, save_stats
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -302,7 +303,7 @@ def needs_stats(ref: str) -> bool:
     static input scales, and the methods built on the stats (SmoothQuant, LLM.int8()'s report).
     GPTQ and AWQ collect what they need on the calibration ids themselves; dynamic inputs have no
     calibrated range."""
-    from quant.recipe import load_recipe
+    from quantmill.methods.recipe_files import load_recipe
 
     recipe = load_recipe(ref.partition("@")[0])
     static = recipe.activations is not None and not recipe.activations.dynamic

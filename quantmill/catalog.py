@@ -1,6 +1,6 @@
 """The registry as a serving team reads it: list versions, show one, promote one.
 
-Everything comes from MLflow (tags written by tasks/registry.py, metrics of the version's run), so
+Everything comes from MLflow (tags written by quantmill/tasks/registry.py, metrics of the version's run), so
 what `quantmill models` prints is what any MLflow client sees.
 """
 
@@ -11,8 +11,8 @@ import re
 import time
 from typing import Any
 
-from tasks.registry import CHECKPOINT_TAG, GATE_TAG, SOURCE_TAG, checkpoint_hashes
-from tasks.tracking import RegistryError, check_model_name, client, get_version, tracking_uri
+from quantmill.tasks.registry import CHECKPOINT_TAG, GATE_TAG, SOURCE_TAG, checkpoint_hashes
+from quantmill.tasks.tracking import RegistryError, check_model_name, client, get_version, tracking_uri
 
 ALIAS_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 PROMOTION_TAG = "quantmill.promoted."

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from quantmill.threads import prefer_passive_waits
+from quantmill.core.threads import prefer_passive_waits
 
-prefer_passive_waits()  # before torch is imported (quantmill/threads.py says why)
+prefer_passive_waits()  # before torch is imported (quantmill/core/threads.py says why)
 
 import json  # noqa: E402
 import logging
@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 import typer
 
-from quant.errors import QuantmillError
+from quantmill.console import fail
+from quantmill.core.errors import QuantmillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training quantization of causal LMs, as a cached pipeline.")
 
@@ -35,13 +36,6 @@ def _quiet_prefect_console() -> None:
         for handler in getattr(logger, "handlers", []):
             if isinstance(handler, PrefectConsoleHandler):
                 handler.addFilter(_QuietConsole())
-
-
-def _fail(err: BaseException, debug: bool) -> None:
-    if debug:
-        raise err
-    typer.echo(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", err=True)
-    raise typer.Exit(2)
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -77,7 +71,7 @@ def _gate_option(max_ppl_ratio: float | None, max_kl: float | None, min_top1: fl
     """The --gate-* options as a QualityGate (None when none is given); bad limits name the option."""
     from pydantic import ValidationError
 
-    from quant.recipe import QualityGate
+    from quantmill.methods.recipe import QualityGate
 
     if max_ppl_ratio is None and max_kl is None and min_top1 is None:
         return None
@@ -96,7 +90,7 @@ def _check_plot_path(plot: str) -> None:
     """--plot is written after all the work: a bad path is refused before it starts."""
     from pathlib import Path
 
-    from flows.params import check_writable_folder
+    from quantmill.flows.params import check_writable_folder
 
     path = Path(plot)
     if path.suffix.lower() not in PLOT_FORMATS:
@@ -135,7 +129,7 @@ def quantize(
         from quantmill.prefect_server import prefect_api, startup_timeout
 
         startup_timeout()  # a bad value would fail Prefect's own settings at import, with no name
-        from flows.params import DEFAULT_RECIPES, check_request, split_recipes
+        from quantmill.flows.params import DEFAULT_RECIPES, check_request, split_recipes
 
         # Validate everything the user typed before starting a flow run: the flow's own checks.
         recipes = recipe or DEFAULT_RECIPES
@@ -147,7 +141,7 @@ def quantize(
             _check_plot_path(plot)
         recipe_names, recipe_yaml = split_recipes(recipes)
         gate = _gate_option(gate_max_ppl_ratio, gate_max_kl, gate_min_top1)
-        from flows.quantize import quantize_flow
+        from quantmill.flows.quantize import quantize_flow
 
         if not debug:
             _quiet_prefect_console()
@@ -171,11 +165,11 @@ def quantize(
             )
         summary["wall_seconds"] = time.perf_counter() - start
     except QuantmillError as err:
-        _fail(err, debug)
+        fail(err, debug)
     except Exception as err:  # an unexpected failure: still one line unless --debug
-        _fail(RuntimeError(f"{type(err).__name__}: {err}"), debug)
+        fail(RuntimeError(f"{type(err).__name__}: {err}"), debug)
     if plot:
-        from quant.plots import size_vs_ppl
+        from quantmill.eval.plots import size_vs_ppl
 
         size_vs_ppl(summary["reference"], summary["rows"], plot, title=f"{model}: size vs perplexity")
     if as_json:
@@ -194,7 +188,7 @@ def quantize(
 @app.command()
 def recipes() -> None:
     """List the built-in recipes."""
-    from quant.recipe import builtin_recipes, load_recipe
+    from quantmill.methods.recipe_files import builtin_recipes, load_recipe
 
     for name in builtin_recipes():
         r = load_recipe(name)
@@ -211,6 +205,9 @@ _add_registry_commands(app)
 
 
 from quantmill.serve import serve as _serve  # noqa: E402  (issue 16: the UI's deployments)
+
+# The pipeline layers (torch, prefect and mlflow behind them) are imported inside the commands that
+# use them, so `quantmill --help` and the light commands start without loading them.
 
 app.command(name="serve")(_serve)
 

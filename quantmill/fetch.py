@@ -13,10 +13,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from quant.hashing import hash_files
-from tasks.registry import checkpoint_hashes
-from tasks.store import default_root
-from tasks.tracking import RegistryError, get_version, mlflow_module, tracking_uri
+from quantmill.core.hashing import hash_files
+from quantmill.tasks.registry import checkpoint_hashes
+from quantmill.tasks.store import default_root
+from quantmill.tasks.tracking import RegistryError, get_version, mlflow_module, tracking_uri
 
 
 @dataclass
@@ -109,10 +109,11 @@ def fetch_cached(uri: str) -> Path:
 
 def load(uri: str, dtype=None):
     """(model, tokenizer) of a registered version, hash-verified, cached locally by version."""
+    # torch and transformers only when a model is loaded: `quantmill pull` needs neither.
     import torch
 
-    from quant.checkpoint import load_quantized
-    from quant.sources import load_tokenizer
+    from quantmill.io.checkpoint import load_quantized
+    from quantmill.io.sources import load_tokenizer
 
     folder = fetch_cached(uri)
     model = load_quantized(folder, dtype=dtype or torch.float32).eval()

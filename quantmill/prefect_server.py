@@ -19,7 +19,7 @@ from typing import Iterator
 
 import httpx
 
-from quant.errors import QuantmillError
+from quantmill.core.errors import QuantmillError
 
 STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 DEFAULT_STARTUP_TIMEOUT_S = 90.0  # Prefect's 20 s was missed on a loaded 2-core machine

@@ -15,7 +15,11 @@ from typing import Any
 
 import typer
 
-from quant.errors import QuantmillError
+from quantmill.console import fail
+from quantmill.core.errors import QuantmillError
+
+# catalog, fetch and the registry load mlflow: imported inside the commands that use them, so
+# the rest of the CLI starts without it.
 
 
 @contextlib.contextmanager
@@ -23,16 +27,14 @@ def _one_line_errors(debug: bool) -> Iterator[None]:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is ours (--json)
     warnings.filterwarnings("ignore")
-    from quantmill.cli import _fail
-
     try:
         yield
     except typer.Exit:
         raise
     except QuantmillError as err:
-        _fail(err, debug)
+        fail(err, debug)
     except Exception as err:  # unexpected: still one line unless --debug
-        _fail(RuntimeError(f"{type(err).__name__}: {err}"), debug)
+        fail(RuntimeError(f"{type(err).__name__}: {err}"), debug)
 
 
 def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
@@ -156,7 +158,7 @@ def register(
 ) -> None:
     """Register quantized results whose registration failed earlier (registry down), recomputing nothing."""
     with _one_line_errors(debug):
-        from tasks.registry import pending_registrations, register_pending
+        from quantmill.tasks.registry import pending_registrations, register_pending
 
         if not any(match in p.name for p in pending_registrations()):
             typer.echo("nothing pending" + (f" matching {match!r}" if match else ""))

@@ -12,6 +12,11 @@ from typing import Any, Optional
 
 import typer
 
+from quantmill.core.errors import QuantmillError
+
+# The flows (torch, prefect, mlflow) are imported inside serve() and the scan, as the CLI's other
+# layers are (cli.py): `quantmill --help` imports this module.
+
 DEFAULT_CRON = "0 * * * *"  # hourly
 GPU_LIMIT = "gpu"
 
@@ -26,11 +31,11 @@ def build_deployments(cron: str = DEFAULT_CRON, watch: Optional[str] = None, tim
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.deployments.runner import EntrypointType
 
-    from flows.quantize import quantize_flow
-    from flows.requantize import requantize_flow
+    from quantmill.flows.quantize import quantize_flow
+    from quantmill.flows.requantize import requantize_flow
 
     schedule = CronSchedule(cron=cron, timezone=timezone)  # raises ValueError on a bad cron line
-    # MODULE_PATH: the runner imports flows.quantize from the installed package, whatever the cwd.
+    # MODULE_PATH: the runner imports quantmill.flows.quantize from the installed package, whatever the cwd.
     quantize = quantize_flow.to_deployment(
         name="quantize",
         description="Quantize a model with built-in or inline recipes, evaluate, optionally register in MLflow. Fill in the form.",
@@ -76,11 +81,9 @@ def serve(
 ) -> None:
     """Serve the quantize and requantize deployments from this process (Ctrl-C stops)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from quant.errors import QuantmillError
-
     try:
         if watch is not None:
-            from flows.requantize import load_watch
+            from quantmill.flows.requantize import load_watch
 
             load_watch(watch)
         deployments = build_deployments(cron, watch, timezone)

@@ -2,7 +2,7 @@
 and `mlflow models serve` call `_load_pyfunc(folder)` on the downloaded version folder.
 
 The folder is a plain quantized checkpoint plus MLflow's MLmodel; the model is built with
-`quant.checkpoint.load_quantized`, which reads every format quantmill writes (compressed-tensors
+`quantmill.io.checkpoint.load_quantized`, which reads every format quantmill writes (compressed-tensors
 and LLM.int8()).
 """
 
@@ -18,8 +18,9 @@ class QuantizedLM:
     """Generates text for each prompt: greedy at temperature 0, sampled (top-p) above."""
 
     def __init__(self, folder: str | Path) -> None:
-        from quant.checkpoint import load_quantized
-        from quant.sources import load_tokenizer
+        # torch and transformers when MLflow builds the model, not when it imports this loader.
+        from quantmill.io.checkpoint import load_quantized
+        from quantmill.io.sources import load_tokenizer
 
         self.folder = Path(folder)
         self.model = load_quantized(self.folder).eval()

@@ -10,7 +10,10 @@ import time
 
 import typer
 
-from quant.errors import QuantmillError
+from quantmill.core.errors import QuantmillError
+
+# The store is imported inside the commands, as the CLI's other layers are (cli.py), so building
+# the command table stays cheap.
 
 GC_AGE_ENV = "QUANTMILL_GC_OLDER_THAN"
 DEFAULT_GC_AGE = "7d"
@@ -60,7 +63,7 @@ def _what(store, stage: str, key: str) -> str:
 
 
 def _rows() -> list[dict]:
-    from tasks.store import Store, folder_size, last_modified
+    from quantmill.tasks.store import Store, folder_size, last_modified
 
     store, now = Store(), time.time()
     rows = []
@@ -81,7 +84,7 @@ def _rows() -> list[dict]:
 @app.command("ls")
 def ls(as_json: bool = typer.Option(False, "--json", help="print the rows as JSON")) -> None:
     """Entries and partial results per stage, with ages (since last written) and sizes."""
-    from tasks.store import Store
+    from quantmill.tasks.store import Store
 
     rows = _rows()
     if as_json:
@@ -109,7 +112,7 @@ def gc(
     dry_run: bool = typer.Option(False, "--dry-run", help="list what would be collected, remove nothing"),
 ) -> None:
     """Remove partial results of dead runs older than an age; entries and running builds stay."""
-    from tasks.store import Store, folder_size, last_modified
+    from quantmill.tasks.store import Store, folder_size, last_modified
 
     try:
         age = parse_age(older_than) if older_than is not None else parse_age(os.environ.get(GC_AGE_ENV, DEFAULT_GC_AGE), GC_AGE_ENV)

@@ -21,7 +21,7 @@ os.environ["QUANTMILL_HOME"] = str(_SESSION_HOME / "quantmill")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 warnings.filterwarnings("ignore", message=".*noload.*")
 
-from quantmill.threads import prefer_passive_waits  # noqa: E402
+from quantmill.core.threads import prefer_passive_waits  # noqa: E402
 
 prefer_passive_waits()  # before torch: the suite shares its cores with the servers it starts
 

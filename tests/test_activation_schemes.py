@@ -23,16 +23,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from quant.checkpoint import load_quantized, save_quantized
-from quant.errors import RecipeError, StatsError
-from quant.methods import METHODS, MethodContext, target_linears
-from quant.modules import QuantLinear, compressed_tensors_dynamic_int8, fp8_matmul_available
-from quant.observers import ActivationStats
-from quant.qparams import compute_qparams
-from quant.recipe import Recipe, builtin_recipes, load_recipe, parse_recipe
-from quant.schemes import static_input_qparams
-from quant.sources import load_model
-from quant.stats import collect_stats
+from quantmill.core.errors import RecipeError, StatsError
+from quantmill.core.qparams import compute_qparams
+from quantmill.io.checkpoint import load_quantized, save_quantized
+from quantmill.io.sources import load_model
+from quantmill.methods.base import MethodContext, target_linears
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.recipe_files import builtin_recipes, load_recipe, parse_recipe
+from quantmill.methods.registry import REGISTRY
+from quantmill.methods.schemes import static_input_qparams
+from quantmill.model.stats import collect_stats
+from quantmill.nn.quant_linear import QuantLinear, compressed_tensors_dynamic_int8, fp8_matmul_available
+from quantmill.solvers.observers import ActivationStats
 
 # The rtn and gptq W8A8 / FP8 recipes (SmoothQuant's own W8A8 recipes are tested in its own files).
 ACTIVATION_RECIPES = [n for n in builtin_recipes() if load_recipe(n).method in ("rtn", "gptq") and load_recipe(n).activations is not None]
@@ -57,7 +59,7 @@ def tiny_stats(tiny_model: Path) -> dict[str, ActivationStats]:
 
 def _quantize_and_save(tiny_model: Path, recipe: Recipe, stats, dst: Path):
     model = load_model(tiny_model)
-    result = METHODS[recipe.method](MethodContext(model, recipe, stats, _ids(), torch.device("cpu")))
+    result = REGISTRY[recipe.method].run(MethodContext(model, recipe, stats, _ids(), torch.device("cpu")))
     save_quantized(model, result.weights, recipe, dst, {"recipe": recipe.name}, input_qparams=result.input_qparams)
     return result
 
@@ -220,22 +222,22 @@ def test_static_recipe_whose_stats_lack_the_histogram_is_a_stats_error(tiny_mode
     no_hist = {k: ActivationStats(**{**vars(v), "hist": None}) for k, v in tiny_stats.items()}
     model = load_model(tiny_model)
     with pytest.raises(StatsError, match=rf"recipe {name}: observer '\w+' on model\.layers\.0\.\S+: activation stats have no histogram") as err:
-        METHODS["rtn"](MethodContext(model, load_recipe(name), no_hist, _ids(), torch.device("cpu")))
+        REGISTRY["rtn"].run(MethodContext(model, load_recipe(name), no_hist, _ids(), torch.device("cpu")))
     assert "\n" not in str(err.value)
     # min-max needs no histogram
-    assert METHODS["rtn"](MethodContext(model, load_recipe("w8a8-static-minmax"), no_hist, _ids(), torch.device("cpu"))).input_qparams
+    assert REGISTRY["rtn"].run(MethodContext(model, load_recipe("w8a8-static-minmax"), no_hist, _ids(), torch.device("cpu"))).input_qparams
 
 
 def test_static_recipe_without_stats_for_a_module_is_a_stats_error(tiny_model, tiny_stats):
     partial = {k: v for k, v in tiny_stats.items() if "down_proj" not in k}
     with pytest.raises(StatsError, match=r"the stats stage has none for 2 of them \(model\.layers\.0\.mlp\.down_proj"):
-        METHODS["rtn"](MethodContext(load_model(tiny_model), load_recipe("w8a8-static-kl"), partial, _ids(), torch.device("cpu")))
+        REGISTRY["rtn"].run(MethodContext(load_model(tiny_model), load_recipe("w8a8-static-kl"), partial, _ids(), torch.device("cpu")))
 
 
 def test_a_method_that_ignores_static_activations_is_refused_at_save(tiny_model, tiny_stats, tmp_path):
     recipe = load_recipe("w8a8-static-minmax")
     model = load_model(tiny_model)
-    result = METHODS["rtn"](MethodContext(model, recipe, tiny_stats, _ids(), torch.device("cpu")))
+    result = REGISTRY["rtn"].run(MethodContext(model, recipe, tiny_stats, _ids(), torch.device("cpu")))
     with pytest.raises(RecipeError, match="gave no static input scale for 14 module"):
         save_quantized(model, result.weights, recipe, tmp_path / "q", {})
     assert not (tmp_path / "q").exists()
@@ -245,8 +247,8 @@ def test_a_static_gptq_recipe_gets_the_observer_input_scales_of_rtn(tiny_model, 
     # GPTQ changes the weights only: the static input scales are the observer's, as for rtn.
     rtn = load_recipe("w8a8-static-mse")
     gptq = rtn.model_copy(update={"name": "w8a8-static-mse-gptq", "method": "gptq"})
-    by_rtn = METHODS["rtn"](MethodContext(load_model(tiny_model), rtn, tiny_stats, _ids(), torch.device("cpu")))
-    by_gptq = METHODS["gptq"](MethodContext(load_model(tiny_model), gptq, tiny_stats, _ids(), torch.device("cpu")))
+    by_rtn = REGISTRY["rtn"].run(MethodContext(load_model(tiny_model), rtn, tiny_stats, _ids(), torch.device("cpu")))
+    by_gptq = REGISTRY["gptq"].run(MethodContext(load_model(tiny_model), gptq, tiny_stats, _ids(), torch.device("cpu")))
     assert by_gptq.input_qparams.keys() == by_rtn.input_qparams.keys() == by_gptq.weights.keys()
     for name, (scale, zero_point) in by_rtn.input_qparams.items():
         assert torch.equal(by_gptq.input_qparams[name][0], scale) and torch.equal(by_gptq.input_qparams[name][1], zero_point)

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quant.awq import LINEARS, apply_awq_to_layer, awq_search_scales, capture_linear_inputs, clip_search
-from quant.errors import RecipeError
-from quant.qparams import quantize_weight_rtn
+from quantmill.core.errors import RecipeError
+from quantmill.core.qparams import quantize_weight_rtn
+from quantmill.solvers.awq import LINEARS, apply_awq_to_layer, awq_search_scales, capture_linear_inputs, clip_search
 from tests.tiny import capture_block_inputs
 
 SALIENT = [3, 17, 40]

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.checkpoint import load_quantized, save_quantized
-from quant.errors import RecipeError
-from quant.methods import METHODS, MethodContext
-from quant.recipe import Recipe, load_recipe
-from quant.sources import load_model
+from quantmill.core.errors import RecipeError
+from quantmill.io.checkpoint import load_quantized, save_quantized
+from quantmill.io.sources import load_model
+from quantmill.methods.base import MethodContext
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.recipe_files import load_recipe
+from quantmill.methods.registry import REGISTRY
 from tests.tiny import make_tiny_llama_with_outliers
 
 
@@ -39,7 +41,7 @@ def _g32(name: str, **options) -> Recipe:
 
 def _run(folder: Path, recipe: Recipe, partial: Path | None = None, on_block_done=None):
     model = load_model(folder)
-    return model, METHODS[recipe.method](MethodContext(model, recipe, {}, _calibration(), torch.device("cpu"), partial, on_block_done))
+    return model, REGISTRY[recipe.method].run(MethodContext(model, recipe, {}, _calibration(), torch.device("cpu"), partial, on_block_done))
 
 
 def _logit_mse(model, reference) -> float:
@@ -116,4 +118,4 @@ def test_awq_on_an_architecture_without_llama_norms_names_the_module():
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=257, max_position_embeddings=128, word_embed_proj_dim=64)).eval()
     with pytest.raises(RecipeError, match=r"model\.decoder\.layers\.0\.[\w.]+: no such module in OPTDecoderLayer"):
-        METHODS["awq"](MethodContext(model, _g32("w4a16-awq-g64"), {}, _calibration()[:8], torch.device("cpu")))
+        REGISTRY["awq"].run(MethodContext(model, _g32("w4a16-awq-g64"), {}, _calibration()[:8], torch.device("cpu")))

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from quant.calibration import (
+from quantmill.core.errors import DatasetError, QuantmillError
+from quantmill.model.calibration import (
     DatasetSpec,
     _module_docstrings,
     first_windows,
@@ -22,7 +23,6 @@ from quant.calibration import (
     stdlib_part,
     tokenize,
 )
-from quant.errors import DatasetError, QuantmillError
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.store import STAGE_VERSIONS
+from quantmill.tasks.store import STAGE_VERSIONS
 from tests.conftest import REPO, run_cli
 from tests.tiny import make_tiny_llama
 
@@ -112,9 +112,9 @@ def test_a_local_models_tokenizer_gives_the_exact_count(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from flows.params import _check_dataset_file
-    from quant.errors import DatasetError
-    from quant.sources import ModelSource
+    from quantmill.flows.params import _check_dataset_file
+    from quantmill.core.errors import DatasetError
+    from quantmill.io.sources import ModelSource
 
     words = Tokenizer(models.WordLevel(vocab={"alpha": 0, "beta": 1, "<unk>": 2}, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -61,7 +61,7 @@ def test_second_run_is_all_cached_and_fast(demo_runs):
 def test_transformers_loads_the_checkpoint_with_quantmills_logits(demo_runs):
     from transformers import AutoModelForCausalLM
 
-    from quant.checkpoint import load_quantized
+    from quantmill.io.checkpoint import load_quantized
 
     first, *_ = demo_runs
     for row in first["rows"]:

@@ -65,7 +65,7 @@ def test_a_form_run_completes_and_registers_a_version(stack, monkeypatch):
     assert done["state_type"] == "COMPLETED", (done["state"], stack.log.read_text()[-3000:])
 
     monkeypatch.setenv("QUANTMILL_HOME", str(stack.home))  # the served runs' MLflow store
-    from tasks.registry import client
+    from quantmill.tasks.registry import client
 
     for recipe in ("w8a16-rtn", "my-w4-g32"):
         version = client().get_model_version_by_alias(f"form-{recipe}", "candidate")
@@ -143,12 +143,12 @@ def test_a_scheduled_scan_starts_a_served_quantize_run_for_a_new_checkpoint(stac
     done = wait_flow_run(stack.base, started[0]["id"])
     assert done["state_type"] == "COMPLETED", done["state"]
     monkeypatch.setenv("QUANTMILL_HOME", str(stack.home))
-    from tasks.registry import client
+    from quantmill.tasks.registry import client
 
     version = client().get_model_version_by_alias("watched-w8a16-rtn", "candidate")
     assert version.tags["quantmill.prefect_flow_run_id"] == started[0]["id"]
-    from flows.requantize import registered  # what the next scan asks (tests/test_requantize.py scans again)
-    from quant.recipe import load_recipe
+    from quantmill.flows.requantize import registered  # what the next scan asks (tests/test_requantize.py scans again)
+    from quantmill.methods.recipe_files import load_recipe
 
     assert registered("watched-w8a16-rtn", version.tags["quantmill.key.resolve_model"], load_recipe("w8a16-rtn").hash)
 
@@ -161,7 +161,7 @@ def test_serve_sets_the_schedule_and_the_gpu_limit(stack):
     status, limit = api(stack.base, "GET", "/v2/concurrency_limits/gpu")
     assert status == 200 and limit["limit"] == 1
     quantize = deployments(stack.base)["quantize"]
-    assert quantize["enforce_parameter_schema"] and quantize["entrypoint"] == "flows.quantize.quantize_flow"
+    assert quantize["enforce_parameter_schema"] and quantize["entrypoint"] == "quantmill.flows.quantize.quantize_flow"
 
 
 def test_serve_refuses_a_bad_watch_file_in_one_line(tmp_path):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.evaluate import evaluate_against, evaluate_windows, paired_interval, reference_distributions
-from quant.sources import load_model
+from quantmill.eval.evaluate import evaluate_against, evaluate_windows, paired_interval, reference_distributions
+from quantmill.io.sources import load_model
 from tests.tiny import make_tiny_llama
 
 
@@ -44,7 +44,7 @@ def test_the_float_record_gives_what_running_both_models_gives(pair):
 
 
 def test_the_float_pass_measures_what_the_plain_evaluation_does_and_its_record_round_trips(pair, tmp_path):
-    from quant.evaluate import ReferenceRecord
+    from quantmill.eval.evaluate import ReferenceRecord
 
     reference, _, windows = pair
     plain = evaluate_windows(reference, windows)
@@ -79,12 +79,12 @@ def test_paired_interval_is_the_student_t_interval_of_the_mean():
 def test_a_quantized_evaluation_never_runs_the_float_model(prefect_api, tiny_model, home):
     """With the float entry made, the float weights can vanish: the quantized model is scored
     against the stored record alone, in one pass of its own."""
-    from tasks.calibrate import CalibrationSpec, EvaluationSpec, capture_calibration
-    from tasks.evaluate import REFERENCE_FILE, evaluate
-    from tasks.quantize import quantize
-    from tasks.resolve import resolve_model
-    from tasks.stats import collect_stats
-    from quant.recipe import load_recipe
+    from quantmill.tasks.calibrate import CalibrationSpec, EvaluationSpec, capture_calibration
+    from quantmill.tasks.evaluate import REFERENCE_FILE, evaluate
+    from quantmill.tasks.quantize import quantize
+    from quantmill.tasks.resolve import resolve_model
+    from quantmill.tasks.stats import collect_stats
+    from quantmill.methods.recipe_files import load_recipe
 
     spec = EvaluationSpec(windows=3, seq_len=64)
     model = resolve_model.fn(str(tiny_model))

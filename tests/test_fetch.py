@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.quantize import quantize_flow
-from tasks.calibrate import CalibrationSpec, EvaluationSpec
+from quantmill.flows.quantize import quantize_flow
+from quantmill.tasks.calibrate import CalibrationSpec, EvaluationSpec
 from tests.conftest import _free_port, run_cli
 
 EVAL = EvaluationSpec(windows=2, seq_len=64)
@@ -28,8 +28,8 @@ VENV_BIN = str(Path(sys.executable).parent)
 SCORE = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from quant.calibration import first_windows, load_text, parse_spec, tokenize_prefix
-from quant.evaluate import evaluate_windows
+from quantmill.model.calibration import first_windows, load_text, parse_spec, tokenize_prefix
+from quantmill.eval.evaluate import evaluate_windows
 folder, windows, seq_len = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 model = AutoModelForCausalLM.from_pretrained(folder).eval()
 tok = AutoTokenizer.from_pretrained(folder)
@@ -89,7 +89,7 @@ def test_pull_from_a_real_server_loads_scores_as_registered_and_generates(prefec
 
 
 def _client():
-    from tasks.registry import client
+    from quantmill.tasks.registry import client
 
     return client()
 
@@ -105,7 +105,7 @@ def test_pyfunc_loads_a_models_uri_and_quantmill_load_caches_by_version(register
     import pandas as pd
 
     from quantmill import load
-    from tasks.registry import tracking_uri
+    from quantmill.tasks.registry import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     served = mlflow.pyfunc.load_model("models:/tiny-w8a16-rtn@candidate")
@@ -124,7 +124,7 @@ def test_pyfunc_loads_a_models_uri_and_quantmill_load_caches_by_version(register
 
 
 def test_mlflow_models_serve_answers_invocations_with_generated_text(registered, home):
-    from tasks.registry import tracking_uri
+    from quantmill.tasks.registry import tracking_uri
 
     port = _free_port()
     env = {**os.environ, **_cli_env(tracking_uri())}
@@ -194,7 +194,7 @@ def test_promote_moves_production_between_passing_versions_and_records_it(prefec
 
 def _artifact_file(version_uri: str, name: str) -> Path:
     """The stored copy of one file of a version in the SQLite backend's artifact folder."""
-    from tasks.registry import MODEL_ARTIFACT
+    from quantmill.tasks.registry import MODEL_ARTIFACT
 
     c = _client()
     model_name, number = version_uri[len("models:/") :].rsplit("/", 1)
@@ -233,8 +233,8 @@ def test_registry_commands_bad_input_is_one_line_exit_2(registered, home, tmp_pa
 
 
 def test_unreachable_server_keeps_the_work_and_register_replays_it(prefect_api, tiny_model, home, mlflow_server, monkeypatch):
-    from quant.errors import QuantmillError
-    from tasks.store import Store
+    from quantmill.core.errors import QuantmillError
+    from quantmill.tasks.store import Store
 
     dead = f"http://127.0.0.1:{_free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)

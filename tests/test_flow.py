@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.quantize import quantize_flow
-from tasks.calibrate import CalibrationSpec, EvaluationSpec
+from quantmill.flows.quantize import quantize_flow
+from quantmill.tasks.calibrate import CalibrationSpec, EvaluationSpec
 
 SMALL = dict(calibration=CalibrationSpec(samples=8, seq_len=64), evaluation=EvaluationSpec(windows=4, seq_len=64))
 SHARED = ("resolve_model", "capture_calibration", "collect_stats", "evaluate float")
@@ -83,7 +83,7 @@ def test_results_carry_lineage_and_metrics(prefect_api, tiny_model: Path, home: 
     assert row["bits_per_weight"] > 4
 
 
-# The one pre-task check (flows/params.py) the flow and the CLI share, and the results table.
+# The one pre-task check (quantmill/flows/params.py) the flow and the CLI share, and the results table.
 
 @pytest.mark.parametrize(
     "change, message",
@@ -103,8 +103,8 @@ def test_results_carry_lineage_and_metrics(prefect_api, tiny_model: Path, home: 
     ],
 )
 def test_check_request_names_the_bad_value(tiny_model: Path, change, message):
-    from flows.params import check_request
-    from quant.errors import QuantmillError
+    from quantmill.flows.params import check_request
+    from quantmill.core.errors import QuantmillError
 
     request = {"model": str(tiny_model), "recipes": ["w8a16-rtn"], **change}
     with pytest.raises(QuantmillError) as err:
@@ -113,8 +113,8 @@ def test_check_request_names_the_bad_value(tiny_model: Path, change, message):
 
 
 def test_check_request_reads_names_files_and_inline_yaml(tiny_model: Path, tmp_path: Path):
-    from flows.params import check_request, split_recipes
-    from quant.recipe import load_recipe
+    from quantmill.flows.params import check_request, split_recipes
+    from quantmill.methods.recipe_files import load_recipe
 
     mine = tmp_path / "mine.yaml"
     mine.write_text("name: mine\nmethod: rtn\nweights: {bits: 4, granularity: group, group_size: 32}\n")
@@ -146,7 +146,7 @@ def _cuda() -> bool:
 
 
 def test_results_table_has_every_column_for_every_row():
-    from flows.quantize import results_table
+    from quantmill.flows.quantize import results_table
 
     rows = [
         {"recipe": "a", "ppl": 10.123456, "uri": "models:/m-a/1", "quantized_key": "k" * 64},
@@ -161,8 +161,8 @@ def test_results_table_has_every_column_for_every_row():
 
 def test_inline_recipe_yaml_from_the_form_has_the_recipe_files_limits():
     """A few lines of YAML aliases expand to gigabytes: the form's text is refused like a file's."""
-    from flows.params import inline_recipes
-    from quant.errors import RecipeError
+    from quantmill.flows.params import inline_recipes
+    from quantmill.core.errors import RecipeError
 
     bomb = 'a: &a ["x", "x"]\nb: &b [*a, *a]\nc: &c [*b, *b]\nname: w\nmethod: rtn\nweights: {bits: 8}\n'
     with pytest.raises(RecipeError, match=r"^recipe_yaml: .*alias"):

@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.checkpoint import load_quantized, save_quantized
-from quant.errors import RecipeError
-from quant.gptq import GPTQOptions, gptq_quantize
-from quant.methods import METHODS, MethodContext, check_recipe
-from quant.qparams import ClipSearch, compute_qparams, quantize_weight_rtn, search_clip_qparams
-from quant.recipe import Recipe, builtin_recipes, load_recipe
-from quant.sources import load_model
+from quantmill.core.errors import RecipeError
+from quantmill.core.qparams import ClipSearch, compute_qparams, quantize_weight_rtn, search_clip_qparams
+from quantmill.io.checkpoint import load_quantized, save_quantized
+from quantmill.io.sources import load_model
+from quantmill.methods.base import MethodContext
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.recipe_files import builtin_recipes, load_recipe
+from quantmill.methods.registry import REGISTRY, check_recipe
+from quantmill.solvers.gptq import GPTQOptions, gptq_quantize
 from tests.tiny import make_tiny_llama
 
 
@@ -39,7 +41,7 @@ def test_a_spread_group_uses_every_one_of_the_2_pow_bits_levels(bits):
 
 
 def test_8_bit_weights_keep_the_symmetric_absmax_over_127_grid():
-    # Gated (quant.qparams.weight_full_range): the int8 grid stays symmetric, -128 unused.
+    # Gated (quantmill.core.qparams.weight_full_range): the int8 grid stays symmetric, -128 unused.
     w = torch.linspace(-1, 1, 1024).reshape(1, -1)
     qw = quantize_weight_rtn(w, 8, True, "channel")
     assert qw.scale.item() == pytest.approx(1 / 127)
@@ -156,7 +158,7 @@ def test_transformers_and_quantmill_load_the_same_logits(tiny, tmp_path, name):
     if recipe.weights.group_size == 64:  # the tiny model is 64 wide: groups of 32 keep 2 per row
         recipe = recipe.model_copy(update={"weights": recipe.weights.model_copy(update={"group_size": 32})})
     model = load_model(tiny)
-    result = METHODS[recipe.method](MethodContext(model, recipe, {}, _calibration(), torch.device("cpu")))
+    result = REGISTRY[recipe.method].run(MethodContext(model, recipe, {}, _calibration(), torch.device("cpu")))
     save_quantized(model, result.weights, recipe, tmp_path / "q", {"recipe": name}, tokenizer_dir=tiny)
     config = (tmp_path / "q" / "config.json").read_text()
     assert '"pack-quantized"' in config

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from quant.gptq import GPTQOptions, GPTQResult, HessianAccumulator, gptq_quantize
-from quant.qparams import int_range, quantize_weight_rtn, weight_qparams
+from quantmill.core.qparams import int_range, quantize_weight_rtn, weight_qparams
+from quantmill.solvers.gptq import GPTQOptions, GPTQResult, HessianAccumulator, gptq_quantize
 
 DEVICES = [
     "cpu",
@@ -104,7 +104,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(device: str) -> None:
 
 def test_fp8_gptq_with_identity_hessian_equals_fp8_rtn() -> None:
     # The e4m3 grid through the same solver: with H = I there is no feedback, so it is RTN's fp8.
-    from quant.schemes import quantize_weight_fp8
+    from quantmill.core.fp8 import quantize_weight_fp8
 
     W = torch.randn(24, 64, generator=_gen(11)) * 0.05
     result = gptq_quantize(W, torch.eye(64), GPTQOptions(bits=8, weight_type="fp8", blocksize=32))
@@ -115,7 +115,7 @@ def test_fp8_gptq_with_identity_hessian_equals_fp8_rtn() -> None:
 
 @pytest.mark.parametrize("actorder", [False, True])
 def test_fp8_gptq_beats_fp8_rtn_on_correlated_inputs(actorder: bool) -> None:
-    from quant.schemes import quantize_weight_fp8
+    from quantmill.core.fp8 import quantize_weight_fp8
 
     W, X, H = _correlated_layer(seed=12)
     result = gptq_quantize(W, H, GPTQOptions(bits=8, weight_type="fp8", actorder=actorder))

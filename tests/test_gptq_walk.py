@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.checkpoint import load_quantized, save_quantized
-from quant.methods import METHODS, MethodContext
-from quant.recipe import load_recipe
-from quant.sources import load_model
+from quantmill.io.checkpoint import load_quantized, save_quantized
+from quantmill.io.sources import load_model
+from quantmill.methods.base import MethodContext
+from quantmill.methods.recipe_files import load_recipe
+from quantmill.methods.registry import REGISTRY
 from tests.tiny import make_tiny_llama
 
 
@@ -32,7 +33,7 @@ def _run(folder: Path, recipe: str, partial: Path | None = None, on_block_done=N
     if min_max:  # plain min-max ranges: the recipe without its clipping search
         r = r.model_copy(update={"options": {k: v for k, v in r.options.items() if not k.startswith("clip_")}})
     ctx = MethodContext(model, r, {}, _calibration(), torch.device("cpu"), partial, on_block_done)
-    return model, METHODS[ctx.recipe.method](ctx)
+    return model, REGISTRY[ctx.recipe.method].run(ctx)
 
 
 def _output_error(folder: Path, weights) -> float:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from quant.errors import SourceError
-from quant.hashing import sha256_file
-from tasks.hash_cache import cached_sha256
+from quantmill.core.errors import SourceError
+from quantmill.core.hashing import sha256_file
+from quantmill.tasks.hash_cache import cached_sha256
 from tests.tiny import make_tiny_llama
 
 
@@ -35,7 +35,7 @@ def test_a_remembered_hash_is_used_until_the_stamp_changes(home, tmp_path):
 
 
 def test_a_stale_remembered_hash_is_caught_by_resolve_and_forgotten(home, tmp_path):
-    from tasks.resolve import resolve_model, source_identity
+    from quantmill.tasks.resolve import resolve_model, source_identity
 
     model = make_tiny_llama(tmp_path / "m")
     before = source_identity(str(model))

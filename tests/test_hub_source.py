@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from quant.errors import SourceError
+from quantmill.core.errors import SourceError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -31,7 +31,7 @@ def hub_cache(tmp_path, tiny_model, monkeypatch) -> Path:
 
 
 def test_hub_source_resolves_the_revision_to_a_commit(hub_cache, home):
-    from tasks.resolve import resolve_model
+    from quantmill.tasks.resolve import resolve_model
 
     entry = resolve_model.fn("hf:acme/tiny-llama")
     assert entry["manifest"]["resolved_revision"] == COMMIT
@@ -41,7 +41,7 @@ def test_hub_source_resolves_the_revision_to_a_commit(hub_cache, home):
 
 
 def test_unknown_hub_repo_is_a_one_line_error(hub_cache, home):
-    from quant.sources import download_hub
+    from quantmill.io.sources import download_hub
 
     with pytest.raises(SourceError, match="cannot fetch hf:acme/missing@main"):
         download_hub("acme/missing", None, home / "x")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.quantize import quantize_flow
-from tasks.calibrate import CalibrationSpec, EvaluationSpec
-from tasks.report import block_of, block_summary, layer_metrics, markdown_table, suffix_of
+from quantmill.flows.quantize import quantize_flow
+from quantmill.tasks.calibrate import CalibrationSpec, EvaluationSpec
+from quantmill.tasks.report import block_of, block_summary, layer_metrics, markdown_table, suffix_of
 
 SMALL = dict(calibration=CalibrationSpec(samples=8, seq_len=64), evaluation=EvaluationSpec(windows=2, seq_len=64))
 BLOCKS = 2  # tests.tiny.make_tiny_llama's default depth
@@ -47,7 +47,7 @@ def _prefect_artifacts(flow_run_id: str) -> dict[str, str]:
     ("w4a16-rtn", ("rel_weight_error", "rel_output_error")),
 ])
 def test_register_logs_the_layer_report_per_block(prefect_api, tiny_model: Path, home: Path, recipe, fields):
-    from tasks.registry import client
+    from quantmill.tasks.registry import client
 
     out = quantize_flow(model=str(tiny_model), recipes=[recipe], register_as="layers", **SMALL)
     row = out["rows"][0]
@@ -86,11 +86,11 @@ def test_register_logs_the_layer_report_per_block(prefect_api, tiny_model: Path,
 
 def test_block_times_survive_a_kill(tiny_model: Path, tmp_path: Path):
     """The engine times every block into its partial metadata, so a resumed stage still knows
-    how long the blocks of the killed run took (tasks/quantize.py puts them in the manifest)."""
+    how long the blocks of the killed run took (quantmill/tasks/quantize.py puts them in the manifest)."""
     import torch
 
-    from quant.sequential import finished_blocks, run_sequential
-    from quant.sources import load_model
+    from quantmill.model.sequential import finished_blocks, run_sequential
+    from quantmill.io.sources import load_model
 
     model = load_model(tiny_model)
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))

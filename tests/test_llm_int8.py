@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quant.errors import RecipeError
-from quant.llm_int8 import LLMInt8Linear, convert_linears, validate_threshold
-from quant.modules import int8_matmul
-from quant.qparams import compute_qparams, dequantize, quantize, quantize_weight_rtn
+from quantmill.core.errors import RecipeError
+from quantmill.core.qparams import compute_qparams, dequantize, quantize, quantize_weight_rtn
+from quantmill.nn.llm_int8 import LLMInt8Linear, convert_linears, validate_threshold
+from quantmill.nn.quant_linear import int8_matmul
 
 OUTLIER_COLUMNS = [5, 20, 41]
 
@@ -32,7 +32,7 @@ def inputs_with_outliers(seed: int = 1, C: int = 64) -> torch.Tensor:
 
 def plain_w8a8_per_token(linear: nn.Linear, x: torch.Tensor, zero_point: bool = False) -> torch.Tensor:
     """Reference int8 W8A8: per-output-row int8 W, per-token int8 X (absmax, or [min, max] with a
-    zero point), written with quant.qparams only."""
+    zero point), written with quantmill.core.qparams only."""
     W = quantize_weight_rtn(linear.weight.detach(), 8, True, "channel").dequantize().double()
     X = x.reshape(-1, x.shape[-1]).double()
     if zero_point:

@@ -6,16 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from quant.errors import RecipeError
-from quant.modules import (
-    FP8_DTYPE,
-    FP8_MAX,
-    QuantLinear,
-    QuantScheme,
-    fp8_matmul_available,
-    int8_matmul,
-)
-from quant.observers import ActivationStats, get_observer
+from quantmill.core.errors import RecipeError
+from quantmill.core.fp8 import FP8_DTYPE, FP8_MAX
+from quantmill.nn.quant_linear import QuantLinear, QuantScheme, fp8_matmul_available, int8_matmul
+from quantmill.solvers.observers import ActivationStats, get_observer
 
 CUDA_FP8 = torch.cuda.is_available() and fp8_matmul_available("cuda")
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.errors import RecipeError, StatsError
-from quant.observers import (
+from quantmill.core.errors import RecipeError, StatsError
+from quantmill.core.qparams import compute_qparams, dequantize, fake_quantize, int_range, quantize
+from quantmill.solvers.observers import (
     OBSERVERS,
     ActivationStats,
     EMAMinMaxObserver,
@@ -17,7 +18,6 @@ from quant.observers import (
     PercentileObserver,
     get_observer,
 )
-from quant.qparams import compute_qparams, dequantize, fake_quantize, int_range, quantize
 
 
 def _qparams(rng: tuple[float, float], bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,15 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from quant.checkpoint import load_quantized, save_quantized, size_report
-from quant.errors import RecipeError, StatsError
-from quant.llm_int8 import LLMInt8Linear
-from quant.llm_int8_checkpoint import FORMAT, WEIGHTS_FILE
-from quant.methods import METHODS, MethodContext
-from quant.outlier_methods import llm_int8_outlier_fractions, smooth_layer
-from quant.recipe import Recipe, load_recipe
-from quant.sources import load_model
-from quant.stats import collect_stats
+from quantmill.core.errors import RecipeError, StatsError
+from quantmill.io.checkpoint import load_quantized, save_quantized, size_report
+from quantmill.io.llm_int8_checkpoint import FORMAT, WEIGHTS_FILE
+from quantmill.io.sources import load_model
+from quantmill.methods.base import MethodContext
+from quantmill.methods.llm_int8 import llm_int8_outlier_fractions
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.recipe_files import load_recipe
+from quantmill.methods.registry import REGISTRY
+from quantmill.methods.smoothquant import smooth_layer
+from quantmill.model.stats import collect_stats
+from quantmill.nn.llm_int8 import LLMInt8Linear
 from tests.tiny import make_tiny_llama_with_outliers
 
 OUTLIER_CHANNELS = [3, 17, 40]
@@ -46,7 +49,7 @@ def _with(recipe: Recipe | str, **options) -> Recipe:
 
 def _run(folder: Path, recipe: Recipe, stats, partial: Path | None = None, on_block_done=None):
     model = load_model(folder)
-    return model, METHODS[recipe.method](MethodContext(model, recipe, stats, _ids(), torch.device("cpu"), partial, on_block_done))
+    return model, REGISTRY[recipe.method].run(MethodContext(model, recipe, stats, _ids(), torch.device("cpu"), partial, on_block_done))
 
 
 def _save(folder: Path, recipe: Recipe, stats, dst: Path):
@@ -310,7 +313,7 @@ def test_a_norm_that_cannot_be_folded_is_an_error_naming_the_module(planted, sta
     model.model.layers[0].input_layernorm = nn.Identity()
     ctx = MethodContext(model, load_recipe("w8a8-smoothquant-a05"), stats, _ids(), torch.device("cpu"))
     with pytest.raises(RecipeError, match=r"model\.layers\.0\.input_layernorm: cannot fold smoothing into Identity"):
-        METHODS["smoothquant"](ctx)
+        REGISTRY["smoothquant"].run(ctx)
 
 
 def test_an_architecture_without_llama_norms_is_an_error_naming_the_module(tmp_path):
@@ -325,4 +328,4 @@ def test_an_architecture_without_llama_norms_is_an_error_naming_the_module(tmp_p
         (load_recipe("w8a8-smoothquant-a05"), r"model\.decoder\.layers\.0\.mlp\.up_proj: no such module in OPTDecoderLayer"),
     ]:
         with pytest.raises(RecipeError, match=pattern):
-            METHODS["smoothquant"](MethodContext(model, recipe, opt_stats, _ids(n=8), torch.device("cpu")))
+            REGISTRY["smoothquant"].run(MethodContext(model, recipe, opt_stats, _ids(n=8), torch.device("cpu")))

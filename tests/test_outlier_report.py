@@ -10,9 +10,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from quant.observers import ActivationStats
-from quant.outlier_report import CHANNELS_FILE, HEATMAP_FILE, REPORT_FILES, TABLE_FILE, has_outlier_report, outlier_rows, write_outlier_report
-from quant.stats import load_stats, save_stats
+from quantmill.eval.outlier_report import (
+    CHANNELS_FILE,
+    HEATMAP_FILE,
+    REPORT_FILES,
+    TABLE_FILE,
+    has_outlier_report,
+    outlier_rows,
+    write_outlier_report,
+)
+from quantmill.model.stats import load_stats, save_stats
+from quantmill.solvers.observers import ActivationStats
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -67,9 +75,9 @@ def test_report_files_are_pngs_and_a_parquet_table(tmp_path):
 
 
 def test_flow_keeps_the_report_in_the_stats_entry_logs_it_to_mlflow_and_runs_llm_int8(prefect_api, tiny_model: Path, home: Path):
-    from flows.quantize import quantize_flow
-    from tasks.calibrate import CalibrationSpec, EvaluationSpec
-    from tasks.registry import client
+    from quantmill.flows.quantize import quantize_flow
+    from quantmill.tasks.calibrate import CalibrationSpec, EvaluationSpec
+    from quantmill.tasks.registry import client
 
     small = dict(calibration=CalibrationSpec(samples=8, seq_len=64), evaluation=EvaluationSpec(windows=2, seq_len=64))
     summary = quantize_flow(model=str(tiny_model), recipes=["w8-llmint8-t6"], register_as="tiny", **small)

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quant.errors import QuantmillError, RecipeError
-from quant.methods import METHODS
-from quant.recipe import RECIPES_DIR, Recipe, builtin_recipes, load_recipe, parse_recipe
+from quantmill.core.errors import QuantmillError, RecipeError
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.recipe_files import RECIPES_DIR, builtin_recipes, load_recipe, parse_recipe
+from quantmill.methods.registry import REGISTRY
 
 BUILTINS = sorted(builtin_recipes())
 
@@ -47,7 +48,7 @@ def test_builtin_recipe_loads_by_name_and_by_path_with_its_file_name(name) -> No
     recipe = load_recipe(name)
     assert isinstance(recipe, Recipe)
     assert recipe.name == name  # the file name is the name users type
-    assert recipe.method in METHODS
+    assert recipe.method in REGISTRY
     assert load_recipe(str(builtin_recipes()[name])) == recipe
 
 
@@ -132,7 +133,7 @@ def test_activation_bits_4_says_activations_must_be_8_bit(tmp_path) -> None:
 def test_unknown_method_lists_the_known_methods(tmp_path) -> None:
     message = _error(_write(tmp_path, {**VALID, "method": "magic"}))
     assert "unknown method 'magic'" in message
-    for name in METHODS:
+    for name in REGISTRY:
         assert name in message
 
 
@@ -180,7 +181,7 @@ def test_an_oversized_recipe_is_refused_before_reading(tmp_path) -> None:
 
 
 def test_inline_recipe_text_gets_the_same_limits() -> None:
-    from quant.recipe import parse_recipe_text
+    from quantmill.methods.recipe_files import parse_recipe_text
 
     with pytest.raises(RecipeError, match=r"^recipe form: line 1: YAML anchor &a"):
         parse_recipe_text("x: &a 1\ny: *a\n", "form")
@@ -227,7 +228,7 @@ def test_smoothquant_options_are_checked_when_the_recipe_loads(tmp_path) -> None
 
 
 def test_inline_yaml_documents_get_the_same_limits() -> None:
-    from quant.recipe import yaml_documents
+    from quantmill.methods.recipe_files import yaml_documents
 
     assert yaml_documents("a: 1\n---\n- b\n", "recipe_yaml") == [{"a": 1}, ["b"]]
     with pytest.raises(RecipeError) as err:

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.quantize import quantize_flow
-from quant.checkpoint import load_quantized
-from tasks.calibrate import CalibrationSpec, EvaluationSpec
+from quantmill.flows.quantize import quantize_flow
+from quantmill.io.checkpoint import load_quantized
+from quantmill.tasks.calibrate import CalibrationSpec, EvaluationSpec
 
 SMALL = dict(calibration=CalibrationSpec(samples=8, seq_len=64), evaluation=EvaluationSpec(windows=2, seq_len=64))
 
 
 def _client():
-    from tasks.registry import client
+    from quantmill.tasks.registry import client
 
     return client()
 
@@ -44,7 +44,7 @@ def _fetch_and_compare(model_name: str, row: dict, tmp_path: Path) -> None:
     import mlflow
     from transformers import AutoModelForCausalLM
 
-    from tasks.registry import tracking_uri
+    from quantmill.tasks.registry import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}@candidate", dst_path=str(tmp_path / "fetched"))
@@ -68,7 +68,7 @@ def test_register_on_sqlite_never_overwrites(prefect_api, tiny_model, home, tmp_
 
 
 def test_models_uri_source_resolves_the_registered_version(prefect_api, tiny_model, home):
-    from tasks.resolve import resolve_model, source_identity
+    from quantmill.tasks.resolve import resolve_model, source_identity
 
     quantize_flow(model=str(tiny_model), recipes=["w8a16-rtn"], register_as="tiny", **SMALL)
     identity = source_identity("models:/tiny-w8a16-rtn@candidate")
@@ -79,8 +79,8 @@ def test_models_uri_source_resolves_the_registered_version(prefect_api, tiny_mod
 
 
 def test_unknown_models_uri_is_a_one_line_error(home):
-    from quant.errors import SourceError
-    from tasks.resolve import source_identity
+    from quantmill.core.errors import SourceError
+    from quantmill.tasks.resolve import source_identity
 
     with pytest.raises(SourceError, match="cannot resolve models:/nope@candidate"):
         source_identity("models:/nope@candidate")
@@ -97,8 +97,8 @@ def test_register_on_a_real_mlflow_server(prefect_api, tiny_model, home, tmp_pat
 _DIES_WHILE_REGISTERING = """
 import os, sys, time
 from pathlib import Path
-from tasks.registry import OWNER_TAG, SCRATCH, experiment_id, mlflow_module, store, tracking_uri
-from tasks.processes import owner_id
+from quantmill.tasks.registry import OWNER_TAG, SCRATCH, experiment_id, mlflow_module, store, tracking_uri
+from quantmill.tasks.processes import owner_id
 mlflow = mlflow_module()
 mlflow.set_tracking_uri(tracking_uri())
 scratch = store().root / SCRATCH / f"{os.getpid()}-tiny-w8a16-rtn-abc"
@@ -119,8 +119,8 @@ def test_a_registration_killed_mid_way_is_closed_by_the_next_one(prefect_api, ti
     import subprocess
     import sys
 
-    from tasks.processes import owner_id
-    from tasks.registry import OWNER_TAG, SCRATCH, experiment_id
+    from quantmill.tasks.processes import owner_id
+    from quantmill.tasks.registry import OWNER_TAG, SCRATCH, experiment_id
 
     dying = subprocess.Popen([sys.executable, "-c", _DIES_WHILE_REGISTERING], cwd=Path(__file__).parent.parent,
                              # mlflow.set_tracking_uri exports an earlier test's store URI: drop it

@@ -56,7 +56,7 @@ def quantize_runs(base: str, tag: str = "requantize") -> list[dict]:
 
 
 def scan(watch: str) -> dict:
-    from flows.requantize import requantize_flow
+    from quantmill.flows.requantize import requantize_flow
 
     return requantize_flow(watch=watch)
 
@@ -72,8 +72,8 @@ def cancel(base: str, runs: list[dict]) -> None:
 
 
 def test_a_new_checkpoint_gets_one_run_per_recipe_then_none_then_new_ones_when_it_changes(server, world):
-    from flows.quantize import quantize_flow
-    from tasks.calibrate import CalibrationSpec, EvaluationSpec
+    from quantmill.flows.quantize import quantize_flow
+    from quantmill.tasks.calibrate import CalibrationSpec, EvaluationSpec
 
     watched = world / "checkpoints"
     step = make_tiny_llama(watched / "step-100")
@@ -126,7 +126,7 @@ def test_a_new_commit_in_the_hub_cache_gets_new_runs(server, world, tiny_model):
 
 
 def test_a_new_version_behind_an_mlflow_alias_gets_new_runs(server, world, tiny_model):
-    from tasks.registry import client
+    from quantmill.tasks.registry import client
 
     c = client()
     c.create_registered_model("base-llama")
@@ -144,7 +144,7 @@ def test_a_new_version_behind_an_mlflow_alias_gets_new_runs(server, world, tiny_
 def test_a_bad_watch_file_fails_the_scan_with_the_reason(server, world):
     from prefect.client.orchestration import get_client
 
-    from flows.requantize import requantize_flow
+    from quantmill.flows.requantize import requantize_flow
 
     bad = world / "watch.yaml"
     bad.write_text("sources: [{hf: acme/x, recipes: [w8a16-rtn]}]\n")
@@ -164,8 +164,8 @@ def test_a_bad_watch_file_fails_the_scan_with_the_reason(server, world):
     ],
 )
 def test_a_watch_file_with_bad_quantize_parameters_is_refused(tmp_path, parameters, message):
-    from flows.requantize import load_watch
-    from quant.errors import QuantmillError
+    from quantmill.flows.requantize import load_watch
+    from quantmill.core.errors import QuantmillError
 
     watch = write_watch(tmp_path / "watch.yaml", {"dir": str(tmp_path), "register_as": "m", "parameters": parameters})
     with pytest.raises(QuantmillError, match=re.escape(message)):

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quant.errors import RecipeError
-from quant.smoothquant import (
+from quantmill.core.errors import RecipeError
+from quantmill.solvers.smoothquant import (
     ALPHA_GRID,
     FakeW8A8Linear,
     alpha_errors,
@@ -206,7 +206,7 @@ def test_fold_handles_layernorm_bias_and_gemma_style_unit_offset_norms() -> None
 
 def test_token_relative_error_weighs_every_token_the_same() -> None:
     """A massive-activation token (norm 1000x) decides plain MSE but not the per-token relative error."""
-    from quant.smoothquant import output_error
+    from quantmill.solvers.smoothquant import output_error
 
     ref = torch.ones(1, 4, 8)
     ref[0, 0] *= 1000.0
@@ -256,7 +256,7 @@ def test_per_fold_search_is_never_worse_than_the_best_shared_alpha() -> None:
     assert info["error"] <= info["shared_error"] == min(shared.values())
     trial = copy.deepcopy(layer)  # the reported error is that of the returned alphas
     smooth_decoder_layer(trial, stats, best, prefix="model.layers.0")
-    from quant.smoothquant import block_output, output_error
+    from quantmill.solvers.smoothquant import block_output, output_error
 
     err = output_error(block_output(layer, x, kw), block_output(apply_fake_w8a8(trial), x, kw))
     assert err == pytest.approx(info["error"], rel=1e-6)
@@ -267,7 +267,7 @@ def test_the_search_models_the_quantized_module_it_searches_for(symmetric: bool)
     # The alpha search scores FakeW8A8Linear; what runs is QuantLinear (per-channel int8 weights,
     # int8 inputs per token, symmetric or with a zero point). Same numbers, or the search would
     # optimise for a different model.
-    from quant.modules import QuantLinear, QuantScheme
+    from quantmill.nn.quant_linear import QuantLinear, QuantScheme
 
     torch.manual_seed(0)
     linear = nn.Linear(64, 32)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.errors import QuantmillError, SourceError
-from quant.sources import DEMO_PACKAGE, ModelSource, check_causal_lm, copy_checkpoint, load_model, parse_source
+from quantmill.core.errors import QuantmillError, SourceError
+from quantmill.io.sources import DEMO_PACKAGE, ModelSource, check_causal_lm, copy_checkpoint, load_model, parse_source
 from tests.tiny import make_tiny_llama
 
 

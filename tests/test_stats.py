@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from quant.observers import OUTLIER_THRESHOLD, ActivationStats
-from quant.sequential import run_sequential
-from quant.sources import load_model
-from quant.stats import VECTOR_FIELDS, _block_visitor, collect_stats, load_stats, save_stats
+from quantmill.io.sources import load_model
+from quantmill.model.sequential import run_sequential
+from quantmill.model.stats import VECTOR_FIELDS, _block_visitor, collect_stats, load_stats, save_stats
+from quantmill.solvers.observers import ActivationStats, OUTLIER_THRESHOLD
 from tests.tiny import make_tiny_llama
 
 LAYERS = 3
@@ -210,7 +210,7 @@ def test_batch_size_changes_only_the_per_batch_extremes(model, ids, stats) -> No
 
 
 def test_the_save_schedule_keeps_saving_near_its_share_of_the_walk() -> None:
-    from quant.sequential import SaveSchedule
+    from quantmill.model.sequential import SaveSchedule
 
     now = [0.0]
     schedule = SaveSchedule(share=0.1, clock=lambda: now[0])
@@ -229,7 +229,7 @@ def test_the_save_schedule_keeps_saving_near_its_share_of_the_walk() -> None:
 def test_blocks_between_saves_are_written_with_the_next_save_and_resume_identically(model, ids, stats, tmp_path) -> None:
     """A schedule due at every other block: block 0 waits and is written with block 1; a crash in
     block 2 leaves both, and the resumed walk gives the uninterrupted stats."""
-    from quant.sequential import SaveSchedule
+    from quantmill.model.sequential import SaveSchedule
 
     class EveryOther(SaveSchedule):
         calls = 0

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from quant.errors import DatasetError, QuantmillError
-from tasks import store as store_module
-from tasks.processes import pid_alive
-from tasks.store import MANIFEST, STAGE_VERSIONS, Store, StoreError, stage_key
+from quantmill.core.errors import DatasetError, QuantmillError
+from quantmill.tasks import store as store_module
+from quantmill.tasks.processes import pid_alive
+from quantmill.tasks.store import MANIFEST, STAGE_VERSIONS, Store, StoreError, stage_key
 
 STAGE = "collect_stats"
 KEY = stage_key(STAGE, {"batch_size": 8}, {"model": "m" * 64, "calibration": "c" * 64})
@@ -76,18 +76,19 @@ def test_bumping_a_stage_version_changes_its_keys_only(monkeypatch) -> None:
 
 
 def test_bumping_a_method_version_changes_that_methods_quantize_keys_only(monkeypatch) -> None:
-    from quant.methods import METHOD_VERSIONS, METHODS
-    from quant.recipe import load_recipe
-    from tasks.quantize import quantize_key
+    from dataclasses import replace
 
-    assert set(METHOD_VERSIONS) == set(METHODS)
+    from quantmill.methods.recipe_files import load_recipe
+    from quantmill.methods.registry import REGISTRY
+    from quantmill.tasks.quantize import quantize_key
+
     gptq, rtn = load_recipe("w4a16-gptq"), load_recipe("w4a16-rtn")
     keys = lambda: (quantize_key("m", "c", "s", gptq), quantize_key("m", "c", "s", rtn))  # noqa: E731
-    monkeypatch.setitem(METHOD_VERSIONS, "gptq", 1)  # version 1 is implied: stores made before versions still match
+    monkeypatch.setitem(REGISTRY, "gptq", replace(REGISTRY["gptq"], version=1))  # version 1 is implied: stores made before versions still match
     inputs = {"model": "m", "calibration": "c", "stats": "s"}
     assert quantize_key("m", "c", "s", gptq) == stage_key("quantize", {"recipe_hash": gptq.hash}, inputs)
     gptq_before, rtn_before = keys()
-    monkeypatch.setitem(METHOD_VERSIONS, "gptq", 2)
+    monkeypatch.setitem(REGISTRY, "gptq", replace(REGISTRY["gptq"], version=2))
     gptq_after, rtn_after = keys()
     assert gptq_after != gptq_before and rtn_after == rtn_before
 
@@ -256,7 +257,7 @@ def test_commit_over_a_folder_without_manifest_makes_a_real_entry(store) -> None
 _RACE = r"""
 import json, os, sys, time
 from pathlib import Path
-from tasks.store import Store
+from quantmill.tasks.store import Store
 stage, key, start, mode = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 store = Store()
 while time.time() < start:

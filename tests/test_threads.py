@@ -26,7 +26,7 @@ print(seen[0])
 """
 
 
-@pytest.mark.parametrize("module", ["quantmill.cli", "flows.quantize"])
+@pytest.mark.parametrize("module", ["quantmill.cli", "quantmill.flows.quantize"])
 @pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_entry_points_set_passive_waits_unless_told_otherwise(module: str, given: str | None, expected: str):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}

@@ -1,4 +1,4 @@
-"""Checkpoint verification (quant/verify.py): a broken float checkpoint is refused with one line
+"""Checkpoint verification (quantmill/io/verify.py): a broken float checkpoint is refused with one line
 naming the file and tensors, from the headers alone when it can be, before anything is committed."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quant.errors import SourceError
-from quant.sources import validate_source
-from quant.verify import check_headers, verify_checkpoint
+from quantmill.core.errors import SourceError
+from quantmill.io.sources import validate_source
+from quantmill.io.verify import check_headers, verify_checkpoint
 from tests.tiny import make_tiny_llama
 
 
@@ -139,7 +139,7 @@ def _tiny_config(model_type: str):
 def test_every_supported_architecture_saved_by_transformers_passes(tmp_path, model_type) -> None:
     from transformers import AutoModelForCausalLM
 
-    from quant.arch import LAYOUTS
+    from quantmill.model.arch import LAYOUTS
     from tests.tiny import make_tokenizer
 
     assert model_type in LAYOUTS

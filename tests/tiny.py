@@ -44,7 +44,7 @@ def make_tiny_llama(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 
 def make_tiny_llama_with_outliers(folder: Path, channels: list[int], factor: float, layers: int = 2) -> Path:
     """The tiny Llama with a few large residual-stream channels (both norm weights x factor
     there): every Linear behind a norm sees outlier input channels, as in real LLMs."""
-    from quant.sources import load_model
+    from quantmill.io.sources import load_model
 
     make_tiny_llama(folder, layers=layers)
     model = load_model(folder)

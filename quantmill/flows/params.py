@@ -1,0 +1,258 @@
+"""The quantize flow's parameters as a form people can fill in, and every check that needs no model.
+
+The parameter schema (enums, patterns, bounds) lets the Prefect server refuse a bad flow run at
+creation; `check_request` is the rest (recipe YAML, files that must exist, CUDA present, the
+sequence length against a local model's config). The flow calls it before its first task and
+the CLI before it starts a flow run, so both fail the same way, with the same one-line reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from quantmill.core.errors import DatasetError, QuantmillError, RecipeError, SourceError
+from quantmill.io.sources import ModelSource, load_tokenizer, validate_source
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.recipe_files import builtin_recipes, load_recipe, parse_recipe, yaml_documents
+from quantmill.model.calibration import load_text, parse_spec, tokenize_prefix
+from quantmill.tasks.calibrate import CalibrationSpec, EvaluationSpec
+from quantmill.tasks.store import default_root
+
+DEFAULT_RECIPES = ["w8a16-rtn", "w4a16-rtn-g64"]
+RecipeName = Literal[tuple(builtin_recipes())]  # type: ignore[valid-type]  # the form's multi-select
+Device = Literal["auto", "cpu", "cuda"]
+
+SOURCE_HELP = (
+    "Which model to quantize. One of: `demo` (the embedded SmolLM2-135M); `hf:ORG/NAME` or "
+    "`hf:ORG/NAME@REVISION` (a Hugging Face repo; a branch is resolved to its commit); "
+    "`models:/NAME@ALIAS` or `models:/NAME/VERSION` (the MLflow registry); an absolute path to a "
+    "checkpoint folder (config.json + *.safetensors) or to a `.gguf` file on the machine that runs the flow."
+)
+# The forms above; a local path is anything without a colon (no look-ahead: pydantic's regex
+# engine has none), so `hf:NAME` without an org, or `models:NAME`, fails here.
+SOURCE_PATTERN = (
+    r"^(demo|hf:[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s@]+)?|models:/[^\s@/]+(@[\w.-]+|/[0-9]+)"
+    r"|[^\s:][^:]*)$"
+)
+DATASET_HELP = (
+    "`stdlib:calib` / `stdlib:eval` (Python standard-library docstrings, disjoint parts), a path to a "
+    "`.txt`, `.jsonl[#FIELD]` or `.parquet[#COLUMN]` file, or `hub:ID[:CONFIG]@SPLIT[#COLUMN]`."
+)
+DATASET_PATTERN = r"^(stdlib(:calib|:eval)?|hub:[^\s@#:]+(:[^\s@#]+)?@[^\s#]+(#\S+)?|(file:)?\S.*\.(txt|jsonl|parquet)(#\S+)?)$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+def ui(title: str, description: str, **extra: Any) -> dict[str, Any]:
+    """Title and description as JSON-schema extras: Prefect overwrites a Field's own title with the
+    parameter name and its description with the docstring's, but keeps these."""
+    return {"title": title, "description": description, **extra}
+
+
+def _as_dict(value: Any) -> Any:
+    # Python callers pass quantmill.tasks.calibrate's specs; the form's models take the same fields.
+    return value.model_dump() if isinstance(value, (CalibrationSpec, EvaluationSpec)) else value
+
+
+def _none_is_empty(value: Any) -> Any:
+    return "" if value is None else value
+
+
+class CalibrationForm(BaseModel):
+    """Which text calibrates, and how much of it: N samples of L tokens chosen with `seed`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Annotated[str, Field(pattern=DATASET_PATTERN, examples=["stdlib:calib", "/data/calib.jsonl#text"], json_schema_extra=ui("Calibration text", DATASET_HELP))] = "stdlib:calib"
+    samples: Annotated[int, Field(gt=0, le=100_000, json_schema_extra=ui("Samples (N)", "How many calibration samples."))] = 64
+    seq_len: Annotated[int, Field(gt=1, le=1_048_576, json_schema_extra=ui("Tokens per sample (L)", "Tokens per calibration sample; at most the model's max_position_embeddings."))] = 512
+    seed: Annotated[int, Field(ge=0, json_schema_extra=ui("Seed", "Chooses which windows of the text become samples."))] = 0
+
+    def spec(self) -> CalibrationSpec:
+        return CalibrationSpec(**self.model_dump())
+
+
+class EvaluationForm(BaseModel):
+    """The evaluation protocol: the first `windows` non-overlapping windows of `seq_len` tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Annotated[str, Field(pattern=DATASET_PATTERN, examples=["stdlib:eval"], json_schema_extra=ui("Evaluation text", DATASET_HELP))] = "stdlib:eval"
+    windows: Annotated[int, Field(gt=0, le=100_000, json_schema_extra=ui("Windows (K)", "How many evaluation windows (perplexity, KL and top-1 agreement over all of them)."))] = 32
+    seq_len: Annotated[int, Field(gt=1, le=1_048_576, json_schema_extra=ui("Tokens per window", "Tokens per evaluation window; at most the model's max_position_embeddings."))] = 512
+
+    def spec(self) -> EvaluationSpec:
+        return EvaluationSpec(**self.model_dump())
+
+
+# The flow's parameter types: what the form shows and what the server checks at creation.
+ModelParam = Annotated[str, Field(pattern=SOURCE_PATTERN, examples=["demo", "hf:HuggingFaceTB/SmolLM2-135M@main", "models:/base-llama@production", "/data/checkpoints/step-1000"], json_schema_extra=ui("Model source", SOURCE_HELP))]
+RecipesParam = Annotated[list[RecipeName], Field(json_schema_extra=ui("Built-in recipes", "One quantization per recipe chosen (list: `quantmill recipes`); the shared stages run once.", uniqueItems=True))]
+# Plain strings, "" for none: the form then shows a text box instead of a "str | None" switch.
+RecipeYamlParam = Annotated[str, BeforeValidator(_none_is_empty), Field(max_length=200_000, examples=["name: my-w4-g32\nmethod: rtn\nweights: {bits: 4, granularity: group, group_size: 32}"], json_schema_extra=ui("Extra recipes (YAML)", "Optional: one recipe mapping, a list of them, or several YAML documents, in the recipe format of recipes/*.yaml."))]
+CalibrationParam = Annotated[CalibrationForm, BeforeValidator(_as_dict), Field(json_schema_extra=ui("Calibration", "The text the quantizers see."))]
+EvaluationParam = Annotated[EvaluationForm, BeforeValidator(_as_dict), Field(json_schema_extra=ui("Evaluation", "The text the quantized model is compared with the original on."))]
+RegisterParam = Annotated[str, BeforeValidator(_none_is_empty), Field(pattern=f"^$|{NAME_PATTERN}", max_length=200, examples=["smollm2-135m"], json_schema_extra=ui("Register as", "Register each result in MLflow as model NAME-RECIPE (alias `candidate`); empty: do not register."))]
+DeviceParam = Annotated[Device, Field(json_schema_extra=ui("Device", "Where decoder blocks run: auto (CUDA when present), cpu or cuda."))]
+PickleParam = Annotated[bool, Field(json_schema_extra=ui("Allow pickle weights", "Accept a checkpoint whose only weights are pickle files (can run code: only for sources you trust)."))]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request that passed every check: what the flow's tasks get."""
+
+    source: ModelSource
+    recipes: list[Recipe]
+    calibration: CalibrationSpec
+    evaluation: EvaluationSpec
+    device: str | None  # None: the tasks choose (CUDA when present)
+
+
+INLINE_RECIPES_MAX_BYTES = 200_000
+
+
+def inline_recipes(text: str | None, origin: str = "recipe_yaml") -> list[Recipe]:
+    """Recipes written into the form: one mapping, a list of mappings, or several YAML documents."""
+    if not text or not text.strip():
+        return []
+    # The recipe files' limits (size, no anchors or aliases: a few lines of aliases expand to
+    # gigabytes), with room for several recipes.
+    docs = [d for d in yaml_documents(text, origin, max_bytes=INLINE_RECIPES_MAX_BYTES) if d is not None]
+    items = [x for d in docs for x in (d if isinstance(d, list) else [d])]
+    return [parse_recipe(item, f"{origin}[{i}]" if len(items) > 1 else origin) for i, item in enumerate(items)]
+
+
+def _check_source_syntax(model: str) -> None:
+    if not re.match(SOURCE_PATTERN, model):
+        raise SourceError(f"model source {model!r} is not one of: demo, hf:ORG/NAME[@REV], models:/NAME@ALIAS, models:/NAME/VERSION, a path")
+
+
+def _max_positions(source: ModelSource) -> int | None:
+    """A local folder's max_position_embeddings, read from config.json (no model loaded)."""
+    if source.kind != "dir":
+        return None
+    try:
+        config = json.loads((Path(source.target) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None
+
+
+MAX_CHECKED_DATASET_BYTES = 256 * 2**20  # larger files are checked for existence only, then read once by their stage
+
+
+def _check_dataset_file(what: str, spec: str, samples: int, seq_len: int, source: ModelSource) -> None:
+    """A dataset file must be readable, parse (every jsonl line, the parquet column) and hold at
+    least `samples` x `seq_len` tokens: a token is at least one byte, and a local model's own
+    tokenizer gives the exact count. Built-in and hub texts are checked by their stage."""
+    parsed = parse_spec(spec)
+    if parsed.kind != "file":
+        return
+    path = Path(parsed.target)
+    try:
+        size = path.stat().st_size
+        with path.open("rb"):
+            pass
+    except OSError as err:
+        raise DatasetError(f"{what} dataset {path}: cannot be read ({err.strerror})") from None
+    if size > MAX_CHECKED_DATASET_BYTES:
+        return
+    text = load_text(parsed)
+    need = samples * seq_len
+    where = f"{what} dataset {spec}"
+    if len(text.encode("utf-8")) < need:
+        raise DatasetError(f"{where} is too short: {len(text.encode('utf-8'))} bytes of text cannot give {samples} x {seq_len} = {need} tokens")
+    if source.kind == "dir" and (Path(source.target) / "tokenizer_config.json").is_file():
+        try:
+            tokenizer = load_tokenizer(Path(source.target))
+        except Exception:  # resolve names a tokenizer that does not load; here it only sharpens a count
+            return
+        have = tokenize_prefix(tokenizer, text, need).numel()
+        if have < need:
+            raise DatasetError(f"{where} is too short: {have} tokens, need {samples} x {seq_len} = {need}")
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Create `folder` if needed and write (then remove) a probe file in it: a read-only or full
+    disk is named before any work rather than after the first stage."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        raise QuantmillError(f"{what} {folder} is not writable ({err.strerror or err})") from None
+
+
+def _form(cls: type[BaseModel], name: str, value: Any) -> Any:
+    try:
+        return cls.model_validate(_as_dict(value or {}))
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join([name, *(str(p) for p in first["loc"])])
+        raise QuantmillError(f"{where}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def _check_device(device: str | None) -> str | None:
+    if device in (None, "auto"):
+        return None
+    if device not in ("cpu", "cuda"):
+        raise QuantmillError(f"unknown device {device!r} (use auto, cpu or cuda)")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise QuantmillError("device 'cuda' asked for, but this machine has no CUDA device (use auto or cpu)")
+    return device
+
+
+def check_request(
+    model: str,
+    recipes: list[str],
+    recipe_yaml: str | None = None,
+    calibration: CalibrationSpec | CalibrationForm | dict | None = None,
+    evaluation: EvaluationSpec | EvaluationForm | dict | None = None,
+    device: str | None = None,
+    allow_pickle: bool = False,
+    register_as: str | None = None,
+) -> Plan:
+    """Every check that needs no model loaded, in the order a user reads the form; the first
+    failure is a QuantmillError naming the bad value. `recipes` may hold built-in names or YAML
+    paths (the CLI's `--recipe`); the form offers names only."""
+    _check_source_syntax(model)
+    source = validate_source(model, allow_pickle)
+    plans = [load_recipe(r) for r in recipes] + inline_recipes(recipe_yaml)
+    names = [r.name for r in plans]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"recipe names must be unique (one registered model each): {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+    for raw in (_as_dict(calibration), _as_dict(evaluation)):  # the spec parser's message names the forms
+        if isinstance(raw, dict) and isinstance(raw.get("dataset"), str):
+            parse_spec(raw["dataset"])
+    calib = _form(CalibrationForm, "calibration", calibration).spec()
+    evals = _form(EvaluationForm, "evaluation", evaluation).spec()
+    limit = _max_positions(source)
+    for what, length in (("calibration", calib.seq_len), ("evaluation", evals.seq_len)):
+        if limit is not None and length > limit:
+            raise QuantmillError(f"{what} seq_len {length} exceeds the model's max_position_embeddings {limit} ({model})")
+    check_writable_folder(default_root(), "the store (QUANTMILL_HOME)")
+    _check_dataset_file("calibration", calib.dataset, calib.samples, calib.seq_len, source)
+    _check_dataset_file("evaluation", evals.dataset, evals.windows, evals.seq_len, source)
+    if register_as and not re.match(NAME_PATTERN, register_as):
+        raise QuantmillError(f"register name {register_as!r} must match {NAME_PATTERN}")
+    return Plan(source, plans, calib, evals, _check_device(device))
+
+
+def split_recipes(recipes: list[str]) -> tuple[list[str], str | None]:
+    """The CLI's `--recipe` values (names or YAML files) as the flow's two parameters: built-in
+    names, and the files' recipes as one YAML list (the same recipes, so the same hashes)."""
+    known = builtin_recipes()
+    names = [r for r in recipes if r in known and not Path(r).is_file()]
+    files = [load_recipe(r).model_dump(mode="json") for r in recipes if r not in names]
+    return names, (yaml.safe_dump(files, sort_keys=False) if files else None)

@@ -1,0 +1,77 @@
+"""Round-to-nearest: each weight to the nearest point of its grid, optionally with a searched
+clipping ratio; also the RTN weight quantizer that AWQ and SmoothQuant use per block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from quantmill.core.errors import RecipeError
+from quantmill.core.fp8 import quantize_weight_fp8
+from quantmill.core.qparams import ClipSearch, QuantizedWeight, quantize_weight_rtn
+from quantmill.methods.base import (
+    MethodContext,
+    MethodResult,
+    check_clip_option_values,
+    layer_granularity,
+    target_linears,
+    weight_error_report,
+)
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.schemes import static_input_qparams
+
+
+RTN_OPTIONS = {"clip_search", "clip_grid", "clip_min_ratio"}
+
+
+def rtn_clip_search(recipe: Recipe) -> ClipSearch | None:
+    """rtn's optional clipping-ratio search (`clip_search: true`, `clip_grid`, `clip_min_ratio`)."""
+    o = recipe.options
+    if not o.get("clip_search", False):
+        return None
+    return ClipSearch(grid=int(o.get("clip_grid", 20)), min_ratio=float(o.get("clip_min_ratio", 0.8)))
+
+
+def rtn(ctx: MethodContext) -> MethodResult:
+    """Round-to-nearest: each weight to the nearest point of its grid (int, or fp8 e4m3 for
+    `weights.type: float`); with static `activations`, input scales from the stats' observer range."""
+    linears = target_linears(ctx.model, ctx.recipe)
+    plan = layer_granularity(ctx.recipe, linears)
+    w = ctx.recipe.weights
+    input_qparams, act_rows = static_input_qparams(ctx.recipe, ctx.stats, list(linears))
+    clip = rtn_clip_search(ctx.recipe)
+    weights, report = {}, []
+    for name, linear in linears.items():
+        granularity, group_size = plan[name]
+        if w.type == "float":
+            qw = quantize_weight_fp8(linear.weight.data, granularity)
+        else:
+            # The clip search weighs input j's error by its mean square over the calibration
+            # inputs (the Hessian's diagonal, up to a constant), unweighted without stats.
+            stats = ctx.stats.get(name) if clip is not None else None
+            importance = stats.mean_sq.to(linear.weight.device) if stats is not None else None
+            qw = quantize_weight_rtn(linear.weight.data, w.bits, w.symmetric, granularity, group_size, clip, importance)
+        weights[name] = qw
+        report.append(weight_error_report(name, linear.weight.data, qw, ctx.stats.get(name), granularity=granularity, **act_rows.get(name, {})))
+    return MethodResult(weights, report, input_qparams=input_qparams)
+
+
+def rtn_quantizer(plan: dict[str, tuple[str, int | None]], recipe: Recipe):
+    w = recipe.weights
+
+    def quantize_one(full: str, W: torch.Tensor, H: torch.Tensor) -> tuple[QuantizedWeight, dict[str, Any]]:
+        granularity, group_size = plan[full]
+        return quantize_weight_rtn(W, w.bits, w.symmetric, granularity, group_size), {}
+
+    return quantize_one
+
+
+def check_rtn(recipe: Recipe) -> None:
+    unknown = set(recipe.options) - RTN_OPTIONS
+    if unknown:
+        raise RecipeError(f"unknown rtn option(s) {sorted(unknown)} (known: {sorted(RTN_OPTIONS)})")
+    check_clip_option_values(recipe.options, "rtn")
+    if recipe.options.get("clip_search") and recipe.weights.type != "int":
+        raise RecipeError("rtn option clip_search is for integer weights (weights: type int)")

@@ -1,0 +1,285 @@
+"""SmoothQuant (Xiao et al. 2023) as a recipe method: per decoder block, fold SmoothQuant scales
+(alpha fixed, or searched per block on the calibration inputs), then record the smoothed block's
+input statistics; finally the recipe's W8A8 scheme is applied as the `rtn` method does (static
+input scales from the recipe's observer over the smoothed statistics). Smoothing is exact, so the
+block inputs of the walk are those of the float model, and the stats stage's absmax is valid for
+every block. The folds and the alpha search are quantmill/solvers/smoothquant.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from quantmill.core.errors import RecipeError, StatsError
+from quantmill.methods.base import (
+    BATCH_SIZE,
+    MethodContext,
+    MethodResult,
+    block_params,
+    check_options,
+    is_int,
+    layer_granularity,
+    restore_params,
+    search_batches,
+    target_linears,
+)
+from quantmill.methods.gptq import (
+    OPTION_KEYS,
+    block_linear_names,
+    check_gptq_option_values,
+    collect_weights,
+    gptq_block_quantizer,
+    quantize_block,
+    quantizer_choice,
+    restore_block_weights,
+)
+from quantmill.methods.recipe import Recipe
+from quantmill.methods.rtn import rtn
+from quantmill.methods.schemes import static_input_qparams
+from quantmill.model.arch import decoder_layers, layout_of
+from quantmill.model.sequential import BlockInputs, run_sequential
+from quantmill.model.stats import _block_visitor, stats_from_tensors
+from quantmill.solvers.observers import DEFAULT_NBINS
+from quantmill.solvers.smoothquant import (
+    ALPHA_GRID,
+    SEARCH_ERRORS,
+    V_O,
+    _lookup,
+    alpha_errors,
+    alpha_for,
+    apply_fake_w8a8,
+    best_alpha,
+    fold_names,
+    fold_smoothing_linear,
+    get_submodule,
+    norm_groups,
+    search_fold_alphas,
+    smooth_decoder_layer,
+    smoothing_scales,
+    validate_alpha,
+)
+
+
+SMOOTHQUANT_OPTIONS = {"alpha", "grid", "search", "search_samples", "search_error", "v_o", "up_down", "quantizer"}
+SEARCHES = ("shared", "per_fold")
+UP_DOWN = ("mlp.up_proj", "mlp.down_proj")
+
+
+def smoothquant_alpha(recipe: Recipe) -> float | str:
+    """The recipe's alpha: a number in [0, 1], or "auto" (searched per decoder block)."""
+
+    alpha = recipe.options.get("alpha", 0.5)
+    if alpha == "auto":
+        return alpha
+    try:
+        return validate_alpha(alpha)
+    except RecipeError as err:
+        raise RecipeError(f"recipe {recipe.name}: {err} (or 'auto')") from None
+
+
+def smooth_layer(
+    layer: nn.Module,
+    act_absmax: Mapping[str, torch.Tensor],
+    alpha: float | Mapping[str, float],
+    prefix: str = "",
+    v_o: bool = True,
+    up_down: bool = True,
+) -> dict[str, torch.Tensor]:
+    """`smooth_decoder_layer` (norm -> q/k/v, norm -> gate/up, v -> o) plus, with `up_down`, the
+    down_proj input through up_proj's rows: down_proj reads act(gate) * up, linear in each up
+    channel, so dividing up row j by s_j divides down_proj input channel j by s_j exactly. That
+    input carries the largest activations of Llama-family models. alpha: one number, or one per
+    fold (`quantmill.solvers.smoothquant.fold_names`). Returns s per fold."""
+
+    if up_down:  # resolve before any fold, so a refused layer is left untouched
+        up, down = (get_submodule(layer, n, prefix) for n in UP_DOWN)
+        if not isinstance(up, nn.Linear) or not isinstance(down, nn.Linear):
+            raise RecipeError(f"{prefix}.{UP_DOWN[0]}: cannot fold smoothing (not a Linear)")
+        down_absmax = _lookup(act_absmax, UP_DOWN[1], prefix)
+        up_alpha = alpha_for(alpha, UP_DOWN[0])
+    scales = smooth_decoder_layer(layer, act_absmax, alpha, prefix, v_o=v_o)
+    if up_down:
+        s = smoothing_scales(down_absmax, down.weight.detach().float().abs().amax(dim=0), up_alpha)
+        fold_smoothing_linear(up, [down], s, name=f"{prefix}.{UP_DOWN[0]}" if prefix else UP_DOWN[0])
+        scales[UP_DOWN[0]] = s
+    return scales
+
+
+def fold_of(module: str, block: nn.Module) -> str:
+    """The fold that smooths a decoder-layer Linear's input ("model.layers.3.self_attn.q_proj" ->
+    "input_layernorm"), read off the fold tables of quantmill.solvers.smoothquant and UP_DOWN."""
+
+    consumer_of = {c: norm for norm, consumers in norm_groups(block) for c in consumers}
+    consumer_of.update({V_O[1]: V_O[0], UP_DOWN[1]: UP_DOWN[0]})
+    return next(fold for c, fold in consumer_of.items() if module == c or module.endswith("." + c))
+
+
+def block_act_absmax(stats: Mapping[str, Any], block_prefix: str) -> dict[str, torch.Tensor]:
+    """max|X_j| of the Linear inputs of one block ("model.layers.3"), keyed relative to the block."""
+    return {name[len(block_prefix) + 1 :]: s.absmax for name, s in stats.items() if name.startswith(block_prefix + ".")}
+
+
+GPTQ_KEY = "gptq."  # prefix of the integer weights in a block's partial result (beside the stats)
+
+
+def _gptq_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(GPTQ_KEY) :]: v for k, v in tensors.items() if k.startswith(GPTQ_KEY)}
+
+
+def _fake_w8a8(recipe: Recipe):
+    """The recipe's W8A8 in float, for the alpha search: per-channel int8 weights; inputs per token
+    (dynamic recipes) or per tensor at the batch's own range (static: a min-max calibration on the
+    search batch; the recipe's observer is applied to the final statistics only), symmetric or
+    with a zero point as the recipe's inputs."""
+
+    granularity = "token" if recipe.activations.dynamic else "tensor"
+    symmetric = recipe.activations.symmetric
+    return lambda module: apply_fake_w8a8(module, granularity, symmetric=symmetric)
+
+
+def smoothquant(ctx: MethodContext) -> MethodResult:
+    """SmoothQuant (Xiao et al. 2023), then the recipe's W8A8 scheme (as the `rtn` method).
+
+    Options: alpha (in [0, 1], or "auto"), grid (the alphas tried by "auto", 0.0 to 1.0 by 0.05),
+    search ("shared": one alpha per block, the default; "per_fold": one per fold, by coordinate
+    descent from the best shared one, `quantmill.solvers.smoothquant.search_fold_alphas`), search_samples
+    (calibration samples of the search, 8; whole batches of 8), search_error (what the search
+    minimises: mse, the default, or token_relative; see quantmill.solvers.smoothquant.output_error), v_o
+    (smooth o_proj's input through v_proj, true), up_down (smooth down_proj's input through up_proj,
+    true), quantizer (how the smoothed weights are quantized: rtn, the default, or gptq, which
+    also takes GPTQ's options: SmoothQuant moves activation range into the weights, and GPTQ
+    takes back much of the weight error that adds). The static input ranges come from the
+    smoothed model's own statistics, recorded during the walk, so every observer sees the
+    activations it will quantize.
+    """
+
+    recipe = ctx.recipe
+    check_options(recipe, SMOOTHQUANT_OPTIONS | OPTION_KEYS)
+    alpha = smoothquant_alpha(recipe)
+    if recipe.activations is None:
+        raise RecipeError(f"recipe {recipe.name}: smoothquant prepares activations for quantization: add an `activations` scheme (W8A8)")
+    grid = [validate_alpha(a) for a in recipe.options.get("grid", ALPHA_GRID)]
+    samples = int(recipe.options.get("search_samples", 8))
+    search_error = recipe.options.get("search_error", "mse")
+    if search_error not in SEARCH_ERRORS:
+        raise RecipeError(f"recipe {recipe.name}: smoothquant search_error must be one of {SEARCH_ERRORS}, got {search_error!r}")
+    search = recipe.options.get("search", "shared")
+    if search not in SEARCHES:
+        raise RecipeError(f"recipe {recipe.name}: smoothquant search must be one of {SEARCHES}, got {search!r}")
+    if search != "shared" and alpha != "auto":
+        raise RecipeError(f"recipe {recipe.name}: smoothquant search {search!r} needs alpha: auto")
+    v_o = bool(recipe.options.get("v_o", True))
+    up_down = bool(recipe.options.get("up_down", True))
+    quantizer = quantizer_choice(recipe)
+    if quantizer == "gptq" and recipe.weights.type != "int":
+        raise RecipeError(f"recipe {recipe.name}: smoothquant quantizer gptq needs integer weights (weights: type int)")
+    prefix = layout_of(ctx.model).layers
+    plan = layer_granularity(recipe, target_linears(ctx.model, recipe))
+    quantize_one = gptq_block_quantizer(recipe, plan) if quantizer == "gptq" else None
+    true_sequential = bool(recipe.options.get("true_sequential", False))
+    quantize_fn = _fake_w8a8(recipe)
+    stats_visit = _block_visitor(DEFAULT_NBINS)
+
+    def visit(index: int, block: nn.Module, inputs: BlockInputs, forward):
+        p = f"{prefix}.{index}"
+        absmax = block_act_absmax(ctx.stats, p)
+        if not absmax:
+            raise StatsError(f"recipe {recipe.name}: smoothquant needs the input absmax of {p}'s Linears; the stats stage has none")
+        meta: dict[str, Any] = {}
+        a = alpha
+        if alpha == "auto":
+            batches, kwargs = search_batches(inputs, samples)
+            fold = lambda trial, a_: smooth_layer(trial, absmax, a_, p, v_o, up_down)  # noqa: E731
+            if search == "per_fold":
+                a, info = search_fold_alphas(block, batches, kwargs, fold_names(block, v_o, up_down), quantize_fn, fold, grid, search_error)
+                errors = info["shared"]
+                meta.update({"search_error": info["error"], "shared_search_error": info["shared_error"]})
+            else:
+                with torch.no_grad():
+                    errors = alpha_errors(block, batches, kwargs, absmax, quantize_fn, grid, p, search_error, smooth=fold)
+                a = best_alpha(errors)
+            meta["alpha_errors"] = {str(k): v for k, v in errors.items()}
+        scales = smooth_layer(block, absmax, a, p, v_o, up_down)
+        tensors, stats_meta, outputs = stats_visit(index, block, inputs, forward)
+        tensors.update(block_params(block))  # the smoothed float weights and norms, for a resume
+        meta.update({"alpha": a, "aliases": stats_meta["aliases"], "scale_max": {k: float(v.max()) for k, v in scales.items()}, "scale_min": {k: float(v.min()) for k, v in scales.items()}})
+        if quantize_one is not None:  # GPTQ on the smoothed block; the engine re-runs it quantized
+            names = block_linear_names(block, index, prefix, plan)
+            weights, meta["report"] = quantize_block(index, block, inputs, forward, prefix, names, quantize_one, true_sequential)
+            tensors.update({GPTQ_KEY + k: v for k, v in weights.items()})
+            outputs = None
+        return tensors, meta, outputs
+
+    def restore(index: int, block: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        restore_params(block, tensors)
+        if quantize_one is not None:
+            restore_block_weights(index, block, _gptq_tensors(tensors), meta["report"], prefix, recipe.weights.bits, plan)
+
+    results = run_sequential(
+        ctx.model, ctx.calibration, visit, device=ctx.device, batch_size=BATCH_SIZE, partial_dir=ctx.partial_dir,
+        restore=restore, desc=f"smoothquant {recipe.name}", on_block_done=ctx.on_block_done,
+    )
+    smoothed_stats = {}
+    alphas: dict[int, float | dict[str, float]] = {}
+    for index, (tensors, meta) in enumerate(results):
+        p = f"{prefix}.{index}."
+        stat_tensors = {k: v for k, v in tensors.items() if not k.startswith(("float.", GPTQ_KEY))}
+        for owner in {k.rsplit(".", 1)[0] for k in stat_tensors}:
+            smoothed_stats[p + owner] = stats_from_tensors(owner, stat_tensors)
+        for name, owner in meta["aliases"].items():
+            smoothed_stats[p + name] = smoothed_stats[p + owner]
+        alphas[index] = meta["alpha"]
+    if quantize_one is None:
+        result = rtn(MethodContext(ctx.model, recipe, smoothed_stats, ctx.calibration, ctx.device))
+    else:
+        weights, report = collect_weights([(_gptq_tensors(t), m) for t, m in results], prefix, recipe.weights.bits, plan)
+        input_qparams, act_rows = static_input_qparams(recipe, smoothed_stats, list(weights))
+        for row in report:
+            row.update(act_rows.get(row["module"], {}))
+        fallbacks = [r["module"] for r in report if r.get("fallback_rtn")]
+        result = MethodResult(weights, report, {"gptq_rtn_fallbacks": fallbacks} if fallbacks else {}, input_qparams=input_qparams)
+    layers = decoder_layers(ctx.model)
+    for row in result.report:
+        index = int(row["module"][len(prefix) + 1 :].split(".", 1)[0])
+        row["block"] = index
+        a = alphas[index]
+        row["alpha"] = a[fold_of(row["module"], layers[index])] if isinstance(a, dict) else a
+        row.setdefault("act_absmax", float(smoothed_stats[row["module"]].absmax.max()))
+        before = ctx.stats.get(row["module"])
+        if before is not None:
+            row["act_absmax_before"] = float(before.absmax.max())
+    result.notes.update({"smoothquant_quantizer": quantizer, "smoothquant_alpha": alpha, "smoothquant_search": search if alpha == "auto" else None, "smoothquant_alphas": [alphas[i] for i in sorted(alphas)]})
+    return result
+
+
+def check_smoothquant(recipe: Recipe) -> None:
+    """Load-time checks: known options and their types, alpha and its grid, an activations scheme."""
+    o = recipe.options
+    check_options(recipe, SMOOTHQUANT_OPTIONS | OPTION_KEYS)
+    check_gptq_option_values(o)
+    quantizer = quantizer_choice(recipe)
+    if "search_samples" in o and (not is_int(o["search_samples"]) or o["search_samples"] < 1):
+        raise RecipeError(f"smoothquant option search_samples must be an integer >= 1, got {o['search_samples']!r}")
+    for name in ("v_o", "up_down"):
+        if name in o and not isinstance(o[name], bool):
+            raise RecipeError(f"smoothquant option {name} must be true or false, got {o[name]!r}")
+    alpha = smoothquant_alpha(recipe)
+    if recipe.activations is None:
+        raise RecipeError("smoothquant prepares activations for quantization: add an `activations` scheme (W8A8)")
+    grid = o.get("grid", [])
+    if not isinstance(grid, list) or not grid and "grid" in o:
+        raise RecipeError(f"smoothquant option grid must be a non-empty list of alphas in [0, 1], got {grid!r}")
+    for a in grid:
+        validate_alpha(a)
+    if o.get("search_error", "mse") not in SEARCH_ERRORS:
+        raise RecipeError(f"smoothquant search_error must be one of {SEARCH_ERRORS}, got {o['search_error']!r}")
+    if o.get("search", "shared") not in SEARCHES:
+        raise RecipeError(f"smoothquant search must be one of {SEARCHES}, got {o['search']!r}")
+    if o.get("search", "shared") != "shared" and alpha != "auto":
+        raise RecipeError(f"smoothquant search {o['search']!r} needs alpha: auto")
+    if quantizer == "gptq" and recipe.weights.type != "int":
+        raise RecipeError("smoothquant quantizer gptq needs integer weights (weights: type int)")

@@ -1,0 +1,1 @@
+"""quantmill.model: see docs/ARCHITECTURE.md for what this layer holds and what it may import."""

@@ -1,0 +1,1 @@
+"""quantmill.solvers: see docs/ARCHITECTURE.md for what this layer holds and what it may import."""
