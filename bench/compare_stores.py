@@ -39,7 +39,7 @@ tree, model = Path(sys.argv[1]), sys.argv[2]
 import importlib, importlib.util
 # The new layout (quantmill.tasks, quantmill.methods.recipe_files) or the old one (top-level
 # tasks and quant packages; their names are joined here so a grep for old imports stays clean).
-new = importlib.util.find_spec("quantmill.tasks") is not None
+new = (tree / "quantmill" / "tasks").is_dir()  # on disk: an installed checkout may provide the name
 where = {
     "calibrate": "quantmill.tasks.calibrate" if new else ".".join(("tasks", "calibrate")),
     "quantize": "quantmill.tasks.quantize" if new else ".".join(("tasks", "quantize")),
