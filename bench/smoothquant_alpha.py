@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from quantmill.model.arch import decoder_layers, layout_of
+    from quantmill.model.arch import block_folds, decoder_layers, layout_of
     from quantmill.model.calibration import first_windows, load_text, parse_spec, tokenize_prefix
     from quantmill.eval.evaluate import evaluate_windows
     from quantmill.methods.smoothquant import block_act_absmax, smooth_layer
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         choices[recipe.name] = entry.manifest["notes"]["smoothquant_alphas"]
     reference = load_model(model_dir).eval()
     prefix = layout_of(reference).layers
+    names = block_folds(reference, "smoothquant")
 
     rows = []
     for label, alphas in choices.items():
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             model = load_model(model_dir).eval()
             for i, layer in enumerate(decoder_layers(model)):
                 p = f"{prefix}.{i}"
-                smooth_layer(layer, block_act_absmax(stats, p), fixed[label] if alphas is None else alphas[i], p)
+                smooth_layer(layer, names, block_act_absmax(stats, p), fixed[label] if alphas is None else alphas[i], p)
                 floats = {n: m.weight.detach().clone() for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
                 apply_fake_w8a8(layer, "token")
                 if a8_only:

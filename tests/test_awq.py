@@ -11,9 +11,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantmill.core.errors import RecipeError
 from quantmill.core.qparams import quantize_weight_rtn
-from quantmill.solvers.awq import LINEARS, apply_awq_to_layer, awq_search_scales, capture_linear_inputs, clip_search
+from quantmill.model.arch import ARCHITECTURES
+from quantmill.solvers.awq import apply_awq_to_layer, awq_search_scales, capture_linear_inputs, clip_search
 from tests.tiny import capture_block_inputs
 
+LLAMA = ARCHITECTURES["llama"].block  # the block names the method passes in
+LINEARS = LLAMA.linears
 SALIENT = [3, 17, 40]
 BITS, GROUP = 4, 32
 
@@ -61,7 +64,7 @@ def test_awq_scales_folded_into_every_layer_leave_float_logits_unchanged(symmetr
     reports = []
     for i, layer in enumerate(model.model.layers):
         x, kw = capture_block_inputs(model, ids, i)
-        reports.append(apply_awq_to_layer(layer, x, kw, BITS, GROUP, symmetric, grid=10, prefix=f"model.layers.{i}"))
+        reports.append(apply_awq_to_layer(layer, LLAMA, x, kw, BITS, GROUP, symmetric, grid=10, prefix=f"model.layers.{i}"))
     with torch.no_grad():
         after = model(ids).logits
     assert rel_err(after, before) < 1e-4
@@ -80,7 +83,7 @@ def test_awq_then_rtn_beats_plain_rtn_on_a_layer_with_salient_channels() -> None
 
     plain = rtn_layer_(copy.deepcopy(layer))
     awq = copy.deepcopy(layer)
-    report = apply_awq_to_layer(awq, x_cal, kw_cal, BITS, GROUP, symmetric=False)
+    report = apply_awq_to_layer(awq, LLAMA, x_cal, kw_cal, BITS, GROUP, symmetric=False)
     rtn_layer_(awq)
     err_rtn = (layer_output(plain, x_test, kw_test) - Y).pow(2).mean().item()
     err_awq = (layer_output(awq, x_test, kw_test) - Y).pow(2).mean().item()
@@ -137,7 +140,7 @@ def test_apply_awq_with_clip_reports_clip_ratios_without_q_k() -> None:
     model = tiny_model_with_salient_channels()
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
     x, kw = capture_block_inputs(model, ids, 0)
-    report = apply_awq_to_layer(model.model.layers[0], x, kw, BITS, GROUP, symmetric=False, grid=10, clip=True)
+    report = apply_awq_to_layer(model.model.layers[0], LLAMA, x, kw, BITS, GROUP, symmetric=False, grid=10, clip=True)
     assert set(report["clip"]) == set(LINEARS) - {"self_attn.q_proj", "self_attn.k_proj"}
     assert all(0.5 < r <= 1.0 for r in report["clip"].values())
 
@@ -156,6 +159,6 @@ def test_group_size_that_does_not_divide_is_a_recipe_error() -> None:
     x, kw = capture_block_inputs(model, ids, 0)
     before = copy.deepcopy(model.model.layers[0].state_dict())
     with pytest.raises(RecipeError, match=r"model\.layers\.0\.self_attn\.q_proj: group_size 48 does not divide"):
-        apply_awq_to_layer(model.model.layers[0], x, kw, BITS, 48, symmetric=False, prefix="model.layers.0")
+        apply_awq_to_layer(model.model.layers[0], LLAMA, x, kw, BITS, 48, symmetric=False, prefix="model.layers.0")
     after = model.model.layers[0].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # refused before the first fold

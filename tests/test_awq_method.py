@@ -112,10 +112,10 @@ def test_awq_refuses_bad_options_and_schemes(salient):
         _run(salient, load_recipe("w4a16-awq-g64").model_copy(update={"weights": load_recipe("w4a16-rtn").weights}))
 
 
-def test_awq_on_an_architecture_without_llama_norms_names_the_module():
+def test_awq_on_an_architecture_without_folds_in_the_table_is_refused_naming_it():
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=257, max_position_embeddings=128, word_embed_proj_dim=64)).eval()
-    with pytest.raises(RecipeError, match=r"model\.decoder\.layers\.0\.[\w.]+: no such module in OPTDecoderLayer"):
+    with pytest.raises(RecipeError, match=r"awq needs the norm -> Linear folds of the decoder blocks; the architecture table \(quantmill/model/arch\.py\) has none for 'opt'$"):
         REGISTRY["awq"].run(MethodContext(model, _g32("w4a16-awq-g64"), {}, _calibration()[:8], torch.device("cpu")))

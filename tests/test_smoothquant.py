@@ -10,6 +10,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantmill.core.errors import RecipeError
+from quantmill.model.arch import ARCHITECTURES
 from quantmill.solvers.smoothquant import (
     ALPHA_GRID,
     FakeW8A8Linear,
@@ -26,6 +27,7 @@ from quantmill.solvers.smoothquant import (
 )
 from tests.tiny import capture_block_inputs
 
+LLAMA = ARCHITECTURES["llama"].block  # the block names the method passes in
 OUTLIER_CHANNELS = [3, 17, 40]
 
 
@@ -74,7 +76,7 @@ def test_smoothing_every_layer_leaves_float_logits_unchanged(alpha: float) -> No
         before = model(ids).logits
     v_before = model.model.layers[0].self_attn.v_proj.weight.detach().clone()
     for i, layer in enumerate(model.model.layers):
-        smooth_decoder_layer(layer, stats, alpha, prefix=f"model.layers.{i}")
+        smooth_decoder_layer(layer, LLAMA, stats, alpha, prefix=f"model.layers.{i}")
     with torch.no_grad():
         after = model(ids).logits
     assert not torch.equal(v_before, model.model.layers[0].self_attn.v_proj.weight)  # v -> o was folded (GQA)
@@ -90,7 +92,7 @@ def test_v_o_smoothing_is_exact_with_gqa_and_stats_keyed_relative_to_the_layer()
     layer = model.model.layers[1]
     with torch.no_grad():
         y0 = layer(x, **kw)
-        s = smooth_decoder_layer(layer, rel, 1.0)
+        s = smooth_decoder_layer(layer, LLAMA, rel, 1.0)
         y1 = layer(x, **kw)
     assert s["self_attn.v_proj"].shape == (2 * 16,)  # one scale per v row (num_kv_heads * head_dim)
     assert rel_err(y1, y0) < 1e-4
@@ -152,8 +154,8 @@ def _search_case():
 
 def test_search_alpha_beats_no_smoothing_on_a_decoder_layer() -> None:
     layer, x, kw, stats, grid = _search_case()
-    errors = alpha_errors(layer, x, kw, stats, apply_fake_w8a8, grid, prefix="model.layers.0")
-    alpha = search_alpha(layer, x, kw, stats, apply_fake_w8a8, grid, prefix="model.layers.0")
+    errors = alpha_errors(layer, x, kw, stats, apply_fake_w8a8, grid, prefix="model.layers.0", names=LLAMA)
+    alpha = search_alpha(layer, x, kw, stats, apply_fake_w8a8, grid, prefix="model.layers.0", names=LLAMA)
     print(f"\nblock output MSE per alpha: { {a: f'{e:.3e}' for a, e in errors.items()} }, chosen {alpha}")
     assert alpha == min(errors, key=errors.get)
     assert errors[alpha] < errors[0.0]
@@ -166,7 +168,7 @@ def test_alpha_outside_unit_interval_is_a_recipe_error(alpha: float) -> None:
         smoothing_scales(torch.ones(4), torch.ones(4), alpha)
     model = tiny_model_with_outliers()
     with pytest.raises(RecipeError, match="alpha"):
-        smooth_decoder_layer(model.model.layers[0], {}, alpha)
+        smooth_decoder_layer(model.model.layers[0], LLAMA, {}, alpha)
 
 
 def test_unfoldable_norm_is_a_recipe_error_naming_the_module() -> None:
@@ -175,13 +177,13 @@ def test_unfoldable_norm_is_a_recipe_error_naming_the_module() -> None:
     layer = model.model.layers[0]
     layer.input_layernorm = nn.Identity()
     with pytest.raises(RecipeError, match=r"^model\.layers\.0\.input_layernorm: cannot fold smoothing into Identity$"):
-        smooth_decoder_layer(layer, stats, 0.5, prefix="model.layers.0")
+        smooth_decoder_layer(layer, LLAMA, stats, 0.5, prefix="model.layers.0")
 
     layer = model.model.layers[1]
     del layer.mlp.gate_proj
     w = layer.input_layernorm.weight.detach().clone()
     with pytest.raises(RecipeError, match=r"model\.layers\.1\.mlp\.gate_proj"):
-        smooth_decoder_layer(layer, stats, 0.5, prefix="model.layers.1")
+        smooth_decoder_layer(layer, LLAMA, stats, 0.5, prefix="model.layers.1")
     assert torch.equal(layer.input_layernorm.weight, w)  # refused before the first fold
 
 
@@ -226,13 +228,13 @@ def _smoothed_layer(alpha, seed: int = 0):
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))
     stats = collect_act_absmax(model, ids)
     layer = model.model.layers[0]
-    smooth_decoder_layer(layer, stats, alpha, prefix="model.layers.0")
+    smooth_decoder_layer(layer, LLAMA, stats, alpha, prefix="model.layers.0")
     return layer
 
 
 def test_per_fold_alphas_all_equal_to_a_shared_alpha_fold_identically() -> None:
     shared = _smoothed_layer(0.6)
-    per_fold = _smoothed_layer({fold: 0.6 for fold in fold_names(shared)})
+    per_fold = _smoothed_layer({fold: 0.6 for fold in fold_names(LLAMA)})
     for (name, a), (_, b) in zip(shared.state_dict().items(), per_fold.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -244,18 +246,18 @@ def test_a_fold_without_an_alpha_is_a_recipe_error_naming_it() -> None:
 
 def test_per_fold_search_is_never_worse_than_the_best_shared_alpha() -> None:
     layer, x, kw, stats, grid = _search_case()
-    folds = fold_names(layer)
+    folds = fold_names(LLAMA)
     best, info = search_fold_alphas(
         layer, x, kw, folds, apply_fake_w8a8,
-        lambda trial, a: smooth_decoder_layer(trial, stats, a, prefix="model.layers.0"), grid,
+        lambda trial, a: smooth_decoder_layer(trial, LLAMA, stats, a, prefix="model.layers.0"), grid,
     )
-    shared = alpha_errors(layer, x, kw, stats, apply_fake_w8a8, grid, prefix="model.layers.0")
+    shared = alpha_errors(layer, x, kw, stats, apply_fake_w8a8, grid, prefix="model.layers.0", names=LLAMA)
     print(f"\nper-fold alphas {best}: block MSE {info['error']:.3e} vs best shared {min(shared.values()):.3e}")
     assert set(best) == set(folds) and all(a in grid for a in best.values())
     assert info["shared"] == pytest.approx(shared)  # the first sweep is the shared search
     assert info["error"] <= info["shared_error"] == min(shared.values())
     trial = copy.deepcopy(layer)  # the reported error is that of the returned alphas
-    smooth_decoder_layer(trial, stats, best, prefix="model.layers.0")
+    smooth_decoder_layer(trial, LLAMA, stats, best, prefix="model.layers.0")
     from quantmill.solvers.smoothquant import block_output, output_error
 
     err = output_error(block_output(layer, x, kw), block_output(apply_fake_w8a8(trial), x, kw))

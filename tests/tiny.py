@@ -41,6 +41,20 @@ def make_tiny_llama(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 
     return folder
 
 
+def make_tiny_gpt2(folder: Path, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
+    """save_pretrained of a seeded random GPT2LMHeadModel (its blocks use transformers' Conv1D,
+    not nn.Linear) plus the byte-level tokenizer; returns the folder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=2, n_positions=128, vocab_size=257, tie_word_embeddings=False)
+    model = GPT2LMHeadModel(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def make_tiny_llama_with_outliers(folder: Path, channels: list[int], factor: float, layers: int = 2) -> Path:
     """The tiny Llama with a few large residual-stream channels (both norm weights x factor
     there): every Linear behind a norm sees outlier input channels, as in real LLMs."""

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from quantmill.model.arch import forward_order
 from quantmill.solvers.observers import ActivationStats, OUTLIER_THRESHOLD
 
 TABLE_FILE = "outliers.parquet"
@@ -33,8 +34,6 @@ REPORT_FILES = (HEATMAP_FILE, CHANNELS_FILE, TABLE_FILE)
 
 _INDEXED = re.compile(r"^(?:(.*?)\.)?(\d+)\.(.+)$")
 _MAX_LISTED = 64  # channels listed per module in the table (the count is always complete)
-# Forward order of the Linears of a Llama-family block (others sort after these, by name).
-_FORWARD_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def split_name(module: str) -> tuple[int | None, str]:
@@ -43,10 +42,16 @@ def split_name(module: str) -> tuple[int | None, str]:
     return (int(m.group(2)), m.group(3)) if m else (None, module)
 
 
-def _order(name: str) -> tuple[int, int, str]:
-    layer, module = split_name(name)
-    leaf = module.rsplit(".", 1)[-1]
-    return (-1 if layer is None else layer, _FORWARD_ORDER.index(leaf) if leaf in _FORWARD_ORDER else len(_FORWARD_ORDER), module)
+def _forward_sort(names: list[str]) -> list[str]:
+    """By layer, then in the block's forward order (the architecture table's; modules it does not
+    list sort after, by name)."""
+    order = forward_order(split_name(n)[1] for n in names)
+
+    def key(name: str) -> tuple[int, int, str]:
+        layer, module = split_name(name)
+        return (-1 if layer is None else layer, order.index(module) if module in order else len(order), module)
+
+    return sorted(names, key=key)
 
 
 def _same(a: ActivationStats, b: ActivationStats) -> bool:
@@ -61,7 +66,7 @@ def outlier_rows(stats: dict[str, ActivationStats], threshold: float = OUTLIER_T
     `threshold` must be the one the stats counted with (the store counts |x| >= OUTLIER_THRESHOLD)."""
     rows = []
     owners: dict[int | None, list[tuple[str, ActivationStats]]] = {}
-    for name in sorted(stats, key=_order):
+    for name in _forward_sort(list(stats)):
         s = stats[name]
         layer, module = split_name(name)
         same_layer = owners.setdefault(layer, [])

@@ -37,10 +37,9 @@ from quantmill.methods.gptq import (
 )
 from quantmill.methods.recipe import Recipe
 from quantmill.methods.rtn import rtn_quantizer
-from quantmill.model.arch import layout_of
+from quantmill.model.arch import block_folds, layout_of
 from quantmill.model.sequential import BlockInputs, run_sequential
-from quantmill.solvers.awq import AWQ_GROUPS, apply_awq_to_layer
-from quantmill.solvers.smoothquant import mlp_norm_name
+from quantmill.solvers.awq import apply_awq_to_layer
 
 
 AWQ_OPTIONS = {"grid", "clip", "search_samples", "quantizer"}
@@ -68,20 +67,18 @@ def awq(ctx: MethodContext) -> MethodResult:
     if grid < 1 or samples < 1:
         raise RecipeError(f"recipe {recipe.name}: awq grid and search_samples must be >= 1")
 
+    arch_names = block_folds(ctx.model, "awq")
     plan = layer_granularity(recipe, target_linears(ctx.model, recipe))
     prefix = layout_of(ctx.model).layers
+    producer_of = arch_names.producer_of()
     quantize_one = gptq_block_quantizer(recipe, plan) if quantizer == "gptq" else rtn_quantizer(plan, recipe)
     true_sequential = bool(recipe.options.get("true_sequential", False))
 
     def visit(index: int, block: nn.Module, inputs: BlockInputs, forward):
         batches, kwargs = search_batches(inputs, samples)
-        found = apply_awq_to_layer(block, batches, kwargs, w.bits, w.group_size, w.symmetric, grid, clip, prefix=f"{prefix}.{index}")
+        found = apply_awq_to_layer(block, arch_names, batches, kwargs, w.bits, w.group_size, w.symmetric, grid, clip, prefix=f"{prefix}.{index}")
         names = block_linear_names(block, index, prefix, plan)
         tensors, rows = quantize_block(index, block, inputs, forward, prefix, names, quantize_one, true_sequential)
-        producer_of = {}
-        for producer, _, consumers in AWQ_GROUPS:
-            key = mlp_norm_name(block) if producer == "post_attention_layernorm" else producer
-            producer_of.update({c: key for c in consumers})
         for row in rows:
             name = row["module"][len(f"{prefix}.{index}.") :]
             scales = found["scales"].get(producer_of.get(name, ""), {})

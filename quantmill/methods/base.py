@@ -15,10 +15,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from quantmill.core.errors import RecipeError
+from quantmill.core.errors import RecipeError, SourceError
 from quantmill.core.qparams import QuantizedWeight
 from quantmill.methods.recipe import Recipe
-from quantmill.model.arch import decoder_layers, layout_of
+from quantmill.model.arch import get_attr, model_type_of, quantizable
 from quantmill.model.sequential import BlockInputs
 from quantmill.solvers.observers import ActivationStats
 
@@ -60,14 +60,21 @@ def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def target_linears(model: nn.Module, recipe: Recipe) -> dict[str, nn.Linear]:
-    """The decoder-block Linears the recipe quantizes, by full module name, in block order."""
-    prefix = layout_of(model).layers
-    targets = {}
-    for i, block in enumerate(decoder_layers(model)):
+    """The decoder-block Linears the recipe quantizes, by full module name, in block order.
+
+    An architecture the table refuses (GPT-2's Conv1D) is an error, and so are blocks with no
+    nn.Linear at all: quantizing nothing without a word is never the right answer."""
+    prefix = quantizable(model).layout.layers
+    targets, linears = {}, 0
+    for i, block in enumerate(get_attr(model, prefix)):
         for name, module in block.named_modules():
             full = f"{prefix}.{i}.{name}"
-            if isinstance(module, nn.Linear) and not is_ignored(full, recipe.ignore):
-                targets[full] = module
+            if isinstance(module, nn.Linear):
+                linears += 1
+                if not is_ignored(full, recipe.ignore):
+                    targets[full] = module
+    if not linears:
+        raise SourceError(f"architecture {model_type_of(model)!r}: the decoder blocks under {prefix} hold no nn.Linear: nothing to quantize")
     return targets
 
 

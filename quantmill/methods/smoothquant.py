@@ -40,14 +40,14 @@ from quantmill.methods.gptq import (
 from quantmill.methods.recipe import Recipe
 from quantmill.methods.rtn import rtn
 from quantmill.methods.schemes import static_input_qparams
-from quantmill.model.arch import decoder_layers, layout_of
+from quantmill.model.arch import block_folds, layout_of
 from quantmill.model.sequential import BlockInputs, run_sequential
 from quantmill.model.stats import _block_visitor, stats_from_tensors
+from quantmill.solvers.folds import BlockNames
 from quantmill.solvers.observers import DEFAULT_NBINS
 from quantmill.solvers.smoothquant import (
     ALPHA_GRID,
     SEARCH_ERRORS,
-    V_O,
     _lookup,
     alpha_errors,
     alpha_for,
@@ -56,7 +56,6 @@ from quantmill.solvers.smoothquant import (
     fold_names,
     fold_smoothing_linear,
     get_submodule,
-    norm_groups,
     search_fold_alphas,
     smooth_decoder_layer,
     smoothing_scales,
@@ -66,7 +65,6 @@ from quantmill.solvers.smoothquant import (
 
 SMOOTHQUANT_OPTIONS = {"alpha", "grid", "search", "search_samples", "search_error", "v_o", "up_down", "quantizer"}
 SEARCHES = ("shared", "per_fold")
-UP_DOWN = ("mlp.up_proj", "mlp.down_proj")
 
 
 def smoothquant_alpha(recipe: Recipe) -> float | str:
@@ -83,6 +81,7 @@ def smoothquant_alpha(recipe: Recipe) -> float | str:
 
 def smooth_layer(
     layer: nn.Module,
+    names: BlockNames,
     act_absmax: Mapping[str, torch.Tensor],
     alpha: float | Mapping[str, float],
     prefix: str = "",
@@ -90,32 +89,34 @@ def smooth_layer(
     up_down: bool = True,
 ) -> dict[str, torch.Tensor]:
     """`smooth_decoder_layer` (norm -> q/k/v, norm -> gate/up, v -> o) plus, with `up_down`, the
-    down_proj input through up_proj's rows: down_proj reads act(gate) * up, linear in each up
-    channel, so dividing up row j by s_j divides down_proj input channel j by s_j exactly. That
-    input carries the largest activations of Llama-family models. alpha: one number, or one per
-    fold (`quantmill.solvers.smoothquant.fold_names`). Returns s per fold."""
+    down_proj input through up_proj's rows (the `linear` folds of `names`, the architecture
+    table's row): down_proj reads act(gate) * up, linear in each up channel, so dividing up row j
+    by s_j divides down_proj input channel j by s_j exactly. That input carries the largest
+    activations of Llama-family models. alpha: one number, or one per fold
+    (`quantmill.solvers.smoothquant.fold_names`). Returns s per fold."""
 
+    linear_folds = []
     if up_down:  # resolve before any fold, so a refused layer is left untouched
-        up, down = (get_submodule(layer, n, prefix) for n in UP_DOWN)
-        if not isinstance(up, nn.Linear) or not isinstance(down, nn.Linear):
-            raise RecipeError(f"{prefix}.{UP_DOWN[0]}: cannot fold smoothing (not a Linear)")
-        down_absmax = _lookup(act_absmax, UP_DOWN[1], prefix)
-        up_alpha = alpha_for(alpha, UP_DOWN[0])
-    scales = smooth_decoder_layer(layer, act_absmax, alpha, prefix, v_o=v_o)
-    if up_down:
+        if not names.folds_of("linear"):
+            raise RecipeError(f"{prefix or 'decoder layer'}: no up -> down fold in the architecture table for this block")
+        for fold in names.folds_of("linear"):
+            up, down = get_submodule(layer, fold.producer, prefix), get_submodule(layer, fold.consumers[0], prefix)
+            if not isinstance(up, nn.Linear) or not isinstance(down, nn.Linear):
+                raise RecipeError(f"{prefix}.{fold.producer}: cannot fold smoothing (not a Linear)")
+            linear_folds.append((fold.producer, up, down, _lookup(act_absmax, fold.consumers[0], prefix), alpha_for(alpha, fold.producer)))
+    scales = smooth_decoder_layer(layer, names, act_absmax, alpha, prefix, v_o=v_o)
+    for producer, up, down, down_absmax, up_alpha in linear_folds:
         s = smoothing_scales(down_absmax, down.weight.detach().float().abs().amax(dim=0), up_alpha)
-        fold_smoothing_linear(up, [down], s, name=f"{prefix}.{UP_DOWN[0]}" if prefix else UP_DOWN[0])
-        scales[UP_DOWN[0]] = s
+        fold_smoothing_linear(up, [down], s, name=f"{prefix}.{producer}" if prefix else producer)
+        scales[producer] = s
     return scales
 
 
-def fold_of(module: str, block: nn.Module) -> str:
+def fold_of(module: str, names: BlockNames) -> str:
     """The fold that smooths a decoder-layer Linear's input ("model.layers.3.self_attn.q_proj" ->
-    "input_layernorm"), read off the fold tables of quantmill.solvers.smoothquant and UP_DOWN."""
+    "input_layernorm"), read off the folds of the architecture table's row."""
 
-    consumer_of = {c: norm for norm, consumers in norm_groups(block) for c in consumers}
-    consumer_of.update({V_O[1]: V_O[0], UP_DOWN[1]: UP_DOWN[0]})
-    return next(fold for c, fold in consumer_of.items() if module == c or module.endswith("." + c))
+    return next(fold for c, fold in names.producer_of().items() if module == c or module.endswith("." + c))
 
 
 def block_act_absmax(stats: Mapping[str, Any], block_prefix: str) -> dict[str, torch.Tensor]:
@@ -177,6 +178,7 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
     quantizer = quantizer_choice(recipe)
     if quantizer == "gptq" and recipe.weights.type != "int":
         raise RecipeError(f"recipe {recipe.name}: smoothquant quantizer gptq needs integer weights (weights: type int)")
+    arch_names = block_folds(ctx.model, "smoothquant")
     prefix = layout_of(ctx.model).layers
     plan = layer_granularity(recipe, target_linears(ctx.model, recipe))
     quantize_one = gptq_block_quantizer(recipe, plan) if quantizer == "gptq" else None
@@ -193,9 +195,9 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
         a = alpha
         if alpha == "auto":
             batches, kwargs = search_batches(inputs, samples)
-            fold = lambda trial, a_: smooth_layer(trial, absmax, a_, p, v_o, up_down)  # noqa: E731
+            fold = lambda trial, a_: smooth_layer(trial, arch_names, absmax, a_, p, v_o, up_down)  # noqa: E731
             if search == "per_fold":
-                a, info = search_fold_alphas(block, batches, kwargs, fold_names(block, v_o, up_down), quantize_fn, fold, grid, search_error)
+                a, info = search_fold_alphas(block, batches, kwargs, fold_names(arch_names, v_o, up_down), quantize_fn, fold, grid, search_error)
                 errors = info["shared"]
                 meta.update({"search_error": info["error"], "shared_search_error": info["shared_error"]})
             else:
@@ -203,7 +205,7 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
                     errors = alpha_errors(block, batches, kwargs, absmax, quantize_fn, grid, p, search_error, smooth=fold)
                 a = best_alpha(errors)
             meta["alpha_errors"] = {str(k): v for k, v in errors.items()}
-        scales = smooth_layer(block, absmax, a, p, v_o, up_down)
+        scales = smooth_layer(block, arch_names, absmax, a, p, v_o, up_down)
         tensors, stats_meta, outputs = stats_visit(index, block, inputs, forward)
         tensors.update(block_params(block))  # the smoothed float weights and norms, for a resume
         meta.update({"alpha": a, "aliases": stats_meta["aliases"], "scale_max": {k: float(v.max()) for k, v in scales.items()}, "scale_min": {k: float(v.min()) for k, v in scales.items()}})
@@ -242,12 +244,11 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
             row.update(act_rows.get(row["module"], {}))
         fallbacks = [r["module"] for r in report if r.get("fallback_rtn")]
         result = MethodResult(weights, report, {"gptq_rtn_fallbacks": fallbacks} if fallbacks else {}, input_qparams=input_qparams)
-    layers = decoder_layers(ctx.model)
     for row in result.report:
         index = int(row["module"][len(prefix) + 1 :].split(".", 1)[0])
         row["block"] = index
         a = alphas[index]
-        row["alpha"] = a[fold_of(row["module"], layers[index])] if isinstance(a, dict) else a
+        row["alpha"] = a[fold_of(row["module"], arch_names)] if isinstance(a, dict) else a
         row.setdefault("act_absmax", float(smoothed_stats[row["module"]].absmax.max()))
         before = ctx.stats.get(row["module"])
         if before is not None:

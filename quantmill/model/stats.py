@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from quantmill.model.arch import block_linears, layout_of
+from quantmill.model.arch import block_linears, quantizable
 from quantmill.model.sequential import BlockInputs, run_sequential
 from quantmill.solvers.observers import ActivationStats, StatsAccumulator
 
@@ -97,7 +97,7 @@ def collect_stats(
     on_block_done=None,
 ) -> dict[str, ActivationStats]:
     """Statistics of every decoder-block Linear input, keyed by full module name."""
-    layers_path = layout_of(model).layers
+    layers_path = quantizable(model).layout.layers  # GPT-2 (Conv1D) is refused, not left without stats
     results = run_sequential(
         model,
         input_ids,

@@ -8,7 +8,8 @@ keeping the one with the smallest output error on calibration inputs; ratio 0 is
 the search can only lower that error on its inputs. The division by s is folded into the op that
 produces X, so the float model is unchanged; the caller then RTN- (or GPTQ-) quantizes it.
 
-Folds, for a Llama-family decoder layer (`AWQ_GROUPS`):
+Folds, from the architecture table's row for the model (`BlockNames`, quantmill/model/arch.py); for
+the Llama family:
   input_layernorm          -> q_proj, k_proj, v_proj
   self_attn.v_proj (rows)  -> o_proj (columns; GQA: one scale per v row, see smoothquant.gqa_column_index)
   post_attention_layernorm -> gate_proj, up_proj
@@ -34,23 +35,10 @@ from quantmill.solvers.smoothquant import (
     fold_smoothing,
     fold_smoothing_linear,
     get_submodule,
+    gqa_attention,
     gqa_column_index,
-    mlp_norm_name,
 )
-
-# (producer of X, kind of producer, consumers). "norm": a norm's weight; "linear": a Linear's rows;
-# "linear_gqa": v_proj rows shared by the o_proj columns of their KV group.
-AWQ_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("input_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.v_proj", "linear_gqa", ("self_attn.o_proj",)),
-    ("post_attention_layernorm", "norm", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.up_proj", "linear", ("mlp.down_proj",)),
-)
-NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
-LINEARS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
+from quantmill.solvers.folds import BlockNames
 
 
 def _check_scheme(linears: Sequence[nn.Linear], bits: int, group_size: int, name: str) -> None:
@@ -196,6 +184,7 @@ def capture_linear_inputs(
 @torch.no_grad()
 def apply_awq_to_layer(
     layer: nn.Module,
+    names: BlockNames,
     block_inputs: torch.Tensor | Sequence[torch.Tensor],
     layer_kwargs: Mapping[str, Any],
     bits: int = 4,
@@ -205,7 +194,8 @@ def apply_awq_to_layer(
     clip: bool = False,
     prefix: str = "",
 ) -> dict[str, Any]:
-    """Search and fold AWQ scales (and optionally clip) in a Llama-family decoder layer, in place.
+    """Search and fold AWQ scales (and optionally clip) in a decoder layer, in place, through the
+    folds of `names` (the architecture table's row for the model; clip skips `names.no_clip`).
 
     Every group is searched on the Linear inputs of the float layer: each fold leaves the inputs
     of the other groups unchanged, so one capture serves all. Returns a report: per group the
@@ -214,12 +204,16 @@ def apply_awq_to_layer(
     def where(n: str) -> str:
         return f"{prefix}.{n}" if prefix else n
 
-    groups = [(mlp_norm_name(layer) if p == "post_attention_layernorm" else p, kind, cons) for p, kind, cons in AWQ_GROUPS]
-    for n in LINEARS:  # refuse before any fold, so a bad scheme leaves the layer untouched
+    if not names.folds:
+        raise RecipeError(f"{prefix or 'decoder layer'}: no folds in the architecture table for this block")
+    for n in names.linears:  # refuse before any fold, so a bad scheme leaves the layer untouched
         _check_scheme([get_submodule(layer, n, prefix)], bits, group_size, where(n))
-    feats = capture_linear_inputs(layer, [cons[0] for _, _, cons in groups], block_inputs, layer_kwargs, prefix)
+    for f in names.folds_of("linear_gqa"):
+        gqa_attention(f, prefix)
+    feats = capture_linear_inputs(layer, [f.consumers[0] for f in names.folds], block_inputs, layer_kwargs, prefix)
     report: dict[str, Any] = {"scales": {}, "clip": {}}
-    for producer, kind, cons in groups:
+    for fold in names.folds:
+        producer, kind, cons = fold.producer, fold.kind, fold.consumers
         linears = [get_submodule(layer, n, prefix) for n in cons]
         if not all(isinstance(lin, nn.Linear) for lin in linears):
             raise RecipeError(f"{where(producer)}: feeds a module that is not a Linear")
@@ -227,7 +221,7 @@ def apply_awq_to_layer(
         mean_abs = X.abs().float().mean(dim=0)
         col_index = None
         if kind == "linear_gqa":
-            H, H_kv, d = attention_heads(layer, prefix)
+            H, H_kv, d = attention_heads(layer, gqa_attention(fold, prefix), prefix)
             mean_abs = mean_abs.reshape(H_kv, H // H_kv, d).mean(dim=1).reshape(-1)
             col_index = gqa_column_index(H, H_kv, d)
         s, errors = awq_search_scales(linears, X, mean_abs, bits, group_size, symmetric, grid, col_index, where(cons[0]))
@@ -238,7 +232,7 @@ def apply_awq_to_layer(
             fold_smoothing_linear(prod, linears, s, col_index, name=where(producer))
         report["scales"][producer] = {"ratio": errors.index(min(errors)) / grid if errors else 0.0, "errors": errors}
     if clip:
-        to_clip = [n for n in LINEARS if n not in NO_CLIP]
+        to_clip = [n for n in names.linears if n not in names.no_clip]
         feats = capture_linear_inputs(layer, to_clip, block_inputs, layer_kwargs, prefix)
         for n in to_clip:
             ratios = clip_search(get_submodule(layer, n, prefix), feats[n], bits, group_size, symmetric, grid, name=where(n))

@@ -10,9 +10,10 @@ so both factors have tamer channel ranges (alpha = 0.5 balances them). The divis
 folded into whatever produces X (a norm's weight, or the rows of a previous Linear), so the
 smoothed float model computes the same function and nothing runs at inference time.
 
-Folds, for Llama-family decoder layers (Llama, Mistral, Qwen2/3, Gemma: one table, `SMOOTH_GROUPS`):
+The folds of a decoder layer come from the architecture table (quantmill/model/arch.py), passed
+in as `BlockNames`; for the Llama family:
   input_layernorm          -> self_attn.q_proj, k_proj, v_proj
-  post_attention_layernorm -> mlp.gate_proj, up_proj   (pre_feedforward_layernorm where it exists)
+  post_attention_layernorm -> mlp.gate_proj, up_proj   (Gemma-2: pre_feedforward_layernorm)
   self_attn.v_proj (rows)  -> self_attn.o_proj (columns), GQA-aware: see `gqa_column_index`.
 """
 
@@ -28,18 +29,10 @@ from torch import nn
 
 from quantmill.core.errors import RecipeError, StatsError
 from quantmill.core.qparams import compute_qparams, fake_quantize, quantize_weight_rtn
+from quantmill.solvers.folds import BlockNames, Fold
 
 EPS = 1e-5
 ALPHA_GRID: tuple[float, ...] = tuple(round(i * 0.05, 2) for i in range(21))
-
-# (norm attribute, Linears it feeds), relative to a decoder layer. Gemma-2/3 put a norm on the
-# attention output (post_attention_layernorm) and feed the MLP from pre_feedforward_layernorm:
-# `mlp_norm_name` picks the right one.
-SMOOTH_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-)
-V_O = ("self_attn.v_proj", "self_attn.o_proj")
 
 
 # ----------------------------------------------------------------------------- the scales
@@ -207,33 +200,38 @@ def get_submodule(layer: nn.Module, path: str, prefix: str = "") -> nn.Module:
         return layer.get_submodule(path)
     except AttributeError:
         where = f"{prefix}.{path}" if prefix else path
-        raise RecipeError(f"{where}: no such module in {type(layer).__name__} (not a Llama-family decoder layer)") from None
+        raise RecipeError(f"{where}: no such module in {type(layer).__name__} (not the layout the architecture table names)") from None
 
 
-def mlp_norm_name(layer: nn.Module) -> str:
-    """The norm that feeds the MLP: pre_feedforward_layernorm (Gemma-2/3) or post_attention_layernorm."""
-    return "pre_feedforward_layernorm" if hasattr(layer, "pre_feedforward_layernorm") else "post_attention_layernorm"
+def fold_names(names: BlockNames, v_o: bool = True, up_down: bool = False) -> list[str]:
+    """The folds of a decoder layer, by the module whose output is divided: the norms, then
+    v_proj (v -> o) and up_proj (up -> down) when those folds are on (`BlockNames.fold_names`)."""
+    return names.fold_names(v_o, up_down)
 
 
-def fold_names(layer: nn.Module, v_o: bool = True, up_down: bool = False) -> list[str]:
-    """The folds of a decoder layer, by the module whose output is divided: the two norms, then
-    self_attn.v_proj (v -> o) and mlp.up_proj (up -> down) when those folds are on."""
-    return [g[0] for g in norm_groups(layer)] + ([V_O[0]] if v_o else []) + (["mlp.up_proj"] if up_down else [])
+def gqa_fold(names: BlockNames, where: str = "") -> Fold:
+    """The v -> o fold of the block, or an error saying the table has none."""
+    folds = names.folds_of("linear_gqa")
+    if not folds:
+        raise RecipeError(f"{where or 'decoder layer'}: no v -> o fold in the architecture table for this block")
+    return folds[0]
 
 
-def norm_groups(layer: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
-    """SMOOTH_GROUPS with the MLP norm resolved for this layer."""
-    return [(SMOOTH_GROUPS[0][0], SMOOTH_GROUPS[0][1]), (mlp_norm_name(layer), SMOOTH_GROUPS[1][1])]
+def gqa_attention(fold: Fold, where: str = "") -> str:
+    """The attention module whose head counts a `linear_gqa` fold reads."""
+    if fold.attention is None:
+        raise RecipeError(f"{where or 'decoder layer'}: the v -> o fold from {fold.producer} names no attention module")
+    return fold.attention
 
 
-def attention_heads(layer: nn.Module, prefix: str = "") -> tuple[int, int, int]:
-    """(num_heads, num_kv_heads, head_dim) of the layer's self_attn."""
-    attn = get_submodule(layer, "self_attn", prefix)
+def attention_heads(layer: nn.Module, attention: str, prefix: str = "") -> tuple[int, int, int]:
+    """(num_heads, num_kv_heads, head_dim) of the layer's attention module (path `attention`)."""
+    attn = get_submodule(layer, attention, prefix)
     cfg = getattr(attn, "config", None)
     try:
         H, H_kv, d = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads, attn.head_dim
     except AttributeError:
-        where = f"{prefix}.self_attn" if prefix else "self_attn"
+        where = f"{prefix}.{attention}" if prefix else attention
         raise RecipeError(f"{where}: cannot read head counts from {type(attn).__name__}") from None
     return int(H), int(H_kv), int(d)
 
@@ -248,42 +246,48 @@ def _lookup(stats: Mapping[str, torch.Tensor], key: str, prefix: str) -> torch.T
     raise StatsError(f"{full}: no input absmax in the statistics")
 
 
-def smooth_v_o(layer: nn.Module, o_act_absmax: torch.Tensor, alpha: float, prefix: str = "") -> torch.Tensor:
-    """Smooth o_proj's input through v_proj's rows; one scale per v row, shared by its GQA group.
+def smooth_v_o(layer: nn.Module, fold: Fold, o_act_absmax: torch.Tensor, alpha: float, prefix: str = "") -> torch.Tensor:
+    """Smooth o_proj's input through v_proj's rows (the `linear_gqa` fold); one scale per v row,
+    shared by its GQA group.
 
     The activation range of a v row is the largest over the heads that read it; the weight range
     of a v row is the largest over those heads' o_proj columns. Returns the per-v-row s.
     """
-    v = get_submodule(layer, V_O[0], prefix)
-    o = get_submodule(layer, V_O[1], prefix)
-    H, H_kv, d = attention_heads(layer, prefix)
+    v = get_submodule(layer, fold.producer, prefix)
+    o = get_submodule(layer, fold.consumers[0], prefix)
+    H, H_kv, d = attention_heads(layer, gqa_attention(fold, prefix), prefix)
     n_rep = H // H_kv
     X = o_act_absmax.float().reshape(H_kv, n_rep, d).amax(dim=1).reshape(-1)
     W = o.weight.detach().float().abs().reshape(o.out_features, H_kv, n_rep, d).amax(dim=(0, 2)).reshape(-1)
     s = smoothing_scales(X, W, alpha)
-    fold_smoothing_linear(v, [o], s, gqa_column_index(H, H_kv, d), name=f"{prefix}.{V_O[0]}" if prefix else V_O[0])
+    fold_smoothing_linear(v, [o], s, gqa_column_index(H, H_kv, d), name=f"{prefix}.{fold.producer}" if prefix else fold.producer)
     return s
 
 
 def smooth_decoder_layer(
     layer: nn.Module,
+    names: BlockNames,
     act_absmax: Mapping[str, torch.Tensor],
     alpha: Alpha,
     prefix: str = "",
     v_o: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Fold SmoothQuant scales into a Llama-family decoder layer, in place; returns s per norm/v_proj.
+    """Fold SmoothQuant scales into a decoder layer, in place, through the norm folds and (with
+    `v_o`) the v -> o fold of `names` (the architecture table's row); returns s per norm/v_proj.
 
     act_absmax holds max|X_j| of each Linear's input, measured on the float model (keys relative to
     the layer or full names under `prefix`). Each fold leaves every other Linear's input unchanged,
     so the order of the folds does not matter and the float statistics stay valid. alpha is one
     number, or one per fold keyed by the norm's name and "self_attn.v_proj" (see `fold_names`).
     """
-    for fold in fold_names(layer, v_o=v_o):
+    if not names.folds_of("norm"):
+        raise RecipeError(f"{prefix or 'decoder layer'}: no norm -> Linear folds in the architecture table for this block")
+    v_fold = gqa_fold(names, prefix) if v_o else None
+    for fold in fold_names(names, v_o=v_o):
         alpha_for(alpha, fold)
     # Resolve and check everything before the first fold, so a refused layer is left untouched.
     plan = []
-    for norm_name, lin_names in norm_groups(layer):
+    for norm_name, lin_names in ((f.producer, f.consumers) for f in names.folds_of("norm")):
         where = f"{prefix}.{norm_name}" if prefix else norm_name
         norm = get_submodule(layer, norm_name, prefix)
         linears = [get_submodule(layer, n, prefix) for n in lin_names]
@@ -291,20 +295,20 @@ def smooth_decoder_layer(
             raise RecipeError(f"{where}: feeds a module that is not a Linear")
         _norm_affine_offset(norm, linears[0].in_features, where)
         plan.append((norm_name, where, norm, linears, _lookup(act_absmax, lin_names[0], prefix)))
-    if v_o:
-        for n in V_O:
+    if v_fold is not None:
+        for n in (v_fold.producer, *v_fold.consumers):
             if not isinstance(get_submodule(layer, n, prefix), nn.Linear):
                 raise RecipeError(f"{prefix}.{n}: is not a Linear" if prefix else f"{n}: is not a Linear")
-        attention_heads(layer, prefix)
-        o_absmax = _lookup(act_absmax, V_O[1], prefix)
+        attention_heads(layer, gqa_attention(v_fold, prefix), prefix)
+        o_absmax = _lookup(act_absmax, v_fold.consumers[0], prefix)
 
     out: dict[str, torch.Tensor] = {}
     for norm_name, where, norm, linears, X in plan:
         s = smoothing_scales(X, weight_absmax(linears), alpha_for(alpha, norm_name))
         fold_smoothing(norm, linears, s, name=where)
         out[norm_name] = s
-    if v_o:
-        out[V_O[0]] = smooth_v_o(layer, o_absmax, alpha_for(alpha, V_O[0]), prefix)
+    if v_fold is not None:
+        out[v_fold.producer] = smooth_v_o(layer, v_fold, o_absmax, alpha_for(alpha, v_fold.producer), prefix)
     return out
 
 
@@ -409,13 +413,16 @@ def alpha_errors(
     prefix: str = "",
     error: str = "mse",
     smooth: Callable[[nn.Module, float], Any] | None = None,
+    names: BlockNames | None = None,
 ) -> dict[float, float]:
     """`output_error` of the smoothed, quantized block against the float block, for each alpha.
 
     `smooth(copy_of_layer, alpha)` folds the scales (default: `smooth_decoder_layer` with
-    `act_absmax` and `prefix`)."""
+    `names`, `act_absmax` and `prefix`; one of `smooth` and `names` is needed)."""
     if smooth is None:
-        smooth = lambda trial, a: smooth_decoder_layer(trial, act_absmax, a, prefix)  # noqa: E731
+        if names is None:
+            raise ValueError("alpha_errors needs `smooth` or the block's `names` (the architecture table's row)")
+        smooth = lambda trial, a: smooth_decoder_layer(trial, names, act_absmax, a, prefix)  # noqa: E731
     Y = block_output(layer, inputs, layer_kwargs)
     return {float(a): trial_error(layer, Y, inputs, layer_kwargs, lambda t, a=a: smooth(t, a), quantize_fn, error) for a in grid}
 
@@ -446,14 +453,16 @@ def search_alpha(
     grid: Sequence[float] = ALPHA_GRID,
     prefix: str = "",
     error: str = "mse",
+    names: BlockNames | None = None,
 ) -> float:
     """The alpha of `grid` whose smoothed + quantize_fn'd block is closest to the float block.
 
     quantize_fn gets a deep copy (smoothed) and may modify it in place or return a new module.
+    `names`: the block's row of the architecture table (its folds).
     """
     for a in grid:
         validate_alpha(a)
-    return best_alpha(alpha_errors(layer, inputs, layer_kwargs, act_absmax, quantize_fn, grid, prefix, error))
+    return best_alpha(alpha_errors(layer, inputs, layer_kwargs, act_absmax, quantize_fn, grid, prefix, error, names=names))
 
 
 @torch.no_grad()
