@@ -288,7 +288,7 @@ def render(result: dict[str, Any]) -> str:
         + f"; model on the host {result['model_host_gb']:.2f} GB ({result['full_model_host_gb']:.2f} GB with all {full} blocks); built in {result['build_s']:.1f} s",
         f"calibration: {result['calib_samples']} x {result['seq_len']} random token ids (uniform over the vocabulary, seed {result['seed']}): timing and memory only, the quantized numbers mean nothing",
         f"device: {result['device']} ({result['device_name']}), {result['cpu_count']} CPUs, torch {result['torch']}, transformers {result['transformers']}; "
-        + ("partial folder written per block, as the quantize stage does" if result["partial_folder"] else "no partial folder (--no-partial)"),
+        + ("partial folder written on the save schedule, as the quantize stage does" if result["partial_folder"] else "no partial folder (--no-partial)"),
         f"device memory budget (issue 19): block weights {result['block_weights_gb']:.3f} GB + calibration activations "
         f"{result['calib_activations_gb']:.3f} GB + 2 GB = {result['device_budget_gb']:.3f} GB",
         "",
