@@ -12,29 +12,27 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from pydantic import Field
+
 from quantmill.core.errors import RecipeError
 from quantmill.methods.base import (
     BATCH_SIZE,
     MethodContext,
     MethodResult,
     block_params,
-    check_options,
-    is_int,
     layer_granularity,
     restore_params,
     search_batches,
     target_linears,
 )
 from quantmill.methods.gptq import (
-    OPTION_KEYS,
+    QuantizerOptions,
     block_linear_names,
-    check_gptq_option_values,
     collect_weights,
-    gptq_block_quantizer,
     quantize_block,
-    quantizer_choice,
     restore_block_weights,
 )
+from quantmill.methods.options import options_of
 from quantmill.methods.recipe import Recipe
 from quantmill.methods.rtn import rtn_quantizer
 from quantmill.model.arch import block_folds, layout_of
@@ -42,7 +40,13 @@ from quantmill.model.sequential import BlockInputs, run_sequential
 from quantmill.solvers.awq import apply_awq_to_layer
 
 
-AWQ_OPTIONS = {"grid", "clip", "search_samples", "quantizer"}
+class AwqOptions(QuantizerOptions):
+    """awq's options, beside `quantizer` (rtn | gptq, gptq with the GPTQ options)."""
+
+    method = "awq"
+    grid: int = Field(20, ge=1, strict=True, description="an integer >= 1")
+    clip: bool = Field(True, strict=True, description="true or false")
+    search_samples: int = Field(8, ge=1, strict=True, description="an integer >= 1")
 
 
 def awq(ctx: MethodContext) -> MethodResult:
@@ -54,25 +58,20 @@ def awq(ctx: MethodContext) -> MethodResult:
     """
 
     recipe = ctx.recipe
-    check_options(recipe, AWQ_OPTIONS | OPTION_KEYS)
+    options = options_of(recipe, AwqOptions)
     w = recipe.weights
     if w.type != "int" or w.granularity != "group":
         raise RecipeError(f"recipe {recipe.name}: awq searches scales for integer group-wise weights (weights: type int, granularity group)")
     if recipe.activations is not None:
         raise RecipeError(f"recipe {recipe.name}: awq is weight-only: remove `activations`")
-    quantizer = quantizer_choice(recipe)
-    grid = int(recipe.options.get("grid", 20))
-    clip = bool(recipe.options.get("clip", True))
-    samples = int(recipe.options.get("search_samples", 8))
-    if grid < 1 or samples < 1:
-        raise RecipeError(f"recipe {recipe.name}: awq grid and search_samples must be >= 1")
+    grid, clip, samples = options.grid, options.clip, options.search_samples
 
     arch_names = block_folds(ctx.model, "awq")
     plan = layer_granularity(recipe, target_linears(ctx.model, recipe))
     prefix = layout_of(ctx.model).layers
     producer_of = arch_names.producer_of()
-    quantize_one = gptq_block_quantizer(recipe, plan) if quantizer == "gptq" else rtn_quantizer(plan, recipe)
-    true_sequential = bool(recipe.options.get("true_sequential", False))
+    quantize_one = options.weight_quantizer(recipe, plan) or rtn_quantizer(plan, recipe)
+    true_sequential = options.true_sequential
 
     def visit(index: int, block: nn.Module, inputs: BlockInputs, forward):
         batches, kwargs = search_batches(inputs, samples)
@@ -100,7 +99,7 @@ def awq(ctx: MethodContext) -> MethodResult:
         restore=restore, desc=f"awq {recipe.name}", on_block_done=ctx.on_block_done,
     )
     weights, report = collect_weights(results, prefix, w.bits, plan)
-    notes: dict[str, Any] = {"awq_quantizer": quantizer}
+    notes: dict[str, Any] = {"awq_quantizer": options.quantizer}
     fallbacks = [r["module"] for r in report if r.get("fallback_rtn")]
     if fallbacks:
         notes["gptq_rtn_fallbacks"] = fallbacks
@@ -108,16 +107,8 @@ def awq(ctx: MethodContext) -> MethodResult:
 
 
 def check_awq(recipe: Recipe) -> None:
-    """Load-time checks: known options and their types, integer group-wise weights, weight-only."""
-    o = recipe.options
-    check_options(recipe, AWQ_OPTIONS | OPTION_KEYS)
-    check_gptq_option_values(o)
-    quantizer_choice(recipe)
-    for name in ("grid", "search_samples"):
-        if name in o and (not is_int(o[name]) or o[name] < 1):
-            raise RecipeError(f"awq option {name} must be an integer >= 1, got {o[name]!r}")
-    if "clip" in o and not isinstance(o["clip"], bool):
-        raise RecipeError(f"awq option clip must be true or false, got {o['clip']!r}")
+    """Load-time checks beyond the options model: integer group-wise weights, weight-only."""
+    options_of(recipe, AwqOptions)
     w = recipe.weights
     if w.type != "int" or w.granularity != "group":
         raise RecipeError("awq searches scales for integer group-wise weights (weights: type int, granularity group)")

@@ -112,10 +112,6 @@ def weight_error_report(name: str, w: torch.Tensor, qw: QuantizedWeight, stats: 
     return row
 
 
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_ignore_patterns(patterns: tuple[str, ...]) -> None:
     for pattern in patterns:
         if pattern.startswith("re:"):
@@ -125,29 +121,7 @@ def check_ignore_patterns(patterns: tuple[str, ...]) -> None:
                 raise RecipeError(f"ignore pattern {pattern!r} is not a valid regular expression ({err})") from None
 
 
-def check_clip_option_values(options: dict[str, Any], method: str) -> None:
-    """The clipping-ratio search: clip_search a bool; clip_grid an integer >= 1; clip_min_ratio a
-    number in (0, 1); the last two only with clip_search: true."""
-    if "clip_search" in options and not isinstance(options["clip_search"], bool):
-        raise RecipeError(f"{method} option clip_search must be true or false, got {options['clip_search']!r}")
-    if "clip_grid" in options and (not is_int(options["clip_grid"]) or not 1 <= options["clip_grid"] <= 1000):
-        raise RecipeError(f"{method} option clip_grid must be an integer in 1..1000, got {options['clip_grid']!r}")
-    if "clip_min_ratio" in options:
-        value = options["clip_min_ratio"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-            raise RecipeError(f"{method} option clip_min_ratio must be a number in (0, 1), got {value!r}")
-    tuning = {"clip_grid", "clip_min_ratio"} & set(options)
-    if tuning and not options.get("clip_search", False):
-        raise RecipeError(f"{method} option(s) {sorted(tuning)} need clip_search: true")
-
-
 BATCH_SIZE = 8  # calibration samples per batch in the walks (as the GPTQ walk)
-
-
-def check_options(recipe: Recipe, known: set[str]) -> None:
-    unknown = set(recipe.options) - known
-    if unknown:
-        raise RecipeError(f"recipe {recipe.name}: unknown {recipe.method} option(s) {sorted(unknown)} (known: {sorted(known)})")
 
 
 def search_batches(inputs: BlockInputs, samples: int) -> tuple[list[torch.Tensor], dict[str, Any]]:

@@ -15,31 +15,35 @@ it with GPTQ or RTN).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
+from pydantic import Field
+
 from quantmill.core.errors import RecipeError
-from quantmill.core.qparams import ClipSearch, QuantizedWeight
-from quantmill.methods.base import (
-    MethodContext,
-    MethodResult,
-    check_clip_option_values,
-    is_int,
-    layer_granularity,
-    target_linears,
-)
+from quantmill.core.qparams import QuantizedWeight
+from quantmill.methods.base import MethodContext, MethodResult, layer_granularity, target_linears
+from quantmill.methods.options import ClipOptions, MethodOptions, options_of, parse_options
 from quantmill.methods.recipe import Recipe
 from quantmill.methods.schemes import static_input_qparams
 from quantmill.model.arch import layout_of
 from quantmill.model.sequential import BlockInputs, run_sequential
 from quantmill.solvers.gptq import GPTQOptions, HessianAccumulator, gptq_quantize
 
-OPTION_KEYS = {
-    "blocksize", "percdamp", "actorder", "static_groups", "true_sequential", "max_damp_tries",
-    "clip_search", "clip_grid", "clip_min_ratio",
-}
+
+class GptqMethodOptions(ClipOptions):
+    """The gptq method's options (the solver's per-Linear GPTQOptions are built from these and
+    the recipe's weight scheme); AWQ and SmoothQuant with `quantizer: gptq` take the same keys."""
+
+    method = "gptq"
+    blocksize: int = Field(128, ge=1, strict=True, description="an integer >= 1")
+    percdamp: float = Field(0.01, gt=0, le=1, strict=True, description="a number in (0, 1]")
+    actorder: bool = Field(False, strict=True, description="true or false")
+    static_groups: bool = Field(False, strict=True, description="true or false")
+    true_sequential: bool = Field(False, strict=True, description="true or false")
+    max_damp_tries: int = Field(5, ge=1, strict=True, description="an integer >= 1")
 
 
 def _input_groups(block: nn.Module, names: list[str], forward) -> list[list[str]]:
@@ -186,11 +190,8 @@ def collect_weights(results: list[tuple[dict[str, torch.Tensor], dict[str, Any]]
     return weights, report
 
 
-def gptq_options(recipe, plan: dict[str, Any]) -> Callable[[str], GPTQOptions]:
+def gptq_options(recipe: Recipe, options: GptqMethodOptions, plan: dict[str, Any]) -> Callable[[str], GPTQOptions]:
     """The solver options of each module: the recipe's weight scheme, the module's granularity."""
-    unknown = set(recipe.options) - OPTION_KEYS
-    if unknown:
-        raise RecipeError(f"recipe {recipe.name}: unknown gptq option(s) {sorted(unknown)} (known: {sorted(OPTION_KEYS)})")
 
     def options_for(full: str) -> GPTQOptions:
         granularity, group_size = plan[full]
@@ -198,23 +199,16 @@ def gptq_options(recipe, plan: dict[str, Any]) -> Callable[[str], GPTQOptions]:
             bits=recipe.weights.bits,
             symmetric=recipe.weights.symmetric,
             group_size=group_size if granularity == "group" else None,
-            actorder=bool(recipe.options.get("actorder", False)),
-            static_groups=bool(recipe.options.get("static_groups", False)),
-            blocksize=int(recipe.options.get("blocksize", 128)),
-            percdamp=float(recipe.options.get("percdamp", 0.01)),
-            max_damp_tries=int(recipe.options.get("max_damp_tries", 5)),
+            actorder=options.actorder,
+            static_groups=options.static_groups,
+            blocksize=options.blocksize,
+            percdamp=options.percdamp,
+            max_damp_tries=options.max_damp_tries,
             weight_type="fp8" if recipe.weights.type == "float" else "int",
-            clip=clip_search_option(recipe.options),
+            clip=options.search(),
         )
 
     return options_for
-
-
-def clip_search_option(options: dict[str, Any]) -> ClipSearch | None:
-    """The recipe's clipping-ratio search (`clip_search: true`, `clip_grid`, `clip_min_ratio`), or None."""
-    if not options.get("clip_search", False):
-        return None
-    return ClipSearch(grid=int(options.get("clip_grid", 20)), min_ratio=float(options.get("clip_min_ratio", 0.8)))
 
 
 def gptq_quantizer(options_for: Callable[[str], GPTQOptions]) -> WeightQuantizer:
@@ -235,9 +229,10 @@ def gptq(ctx: MethodContext) -> MethodResult:
     recipe's activation scheme, if any, is applied at run time as for the rtn method."""
     recipe = ctx.recipe
     plan = layer_granularity(recipe, target_linears(ctx.model, recipe))
-    quantize_one = gptq_quantizer(gptq_options(recipe, plan))
+    options = options_of(recipe, GptqMethodOptions)
+    quantize_one = gptq_quantizer(gptq_options(recipe, options, plan))
     prefix = layout_of(ctx.model).layers
-    true_sequential = bool(recipe.options.get("true_sequential", False))
+    true_sequential = options.true_sequential
     bits = recipe.weights.bits
 
     def visit(index: int, block: nn.Module, inputs: BlockInputs, forward):
@@ -262,45 +257,39 @@ def gptq(ctx: MethodContext) -> MethodResult:
     return MethodResult(weights, report, {"gptq_rtn_fallbacks": fallbacks} if fallbacks else {}, input_qparams=input_qparams)
 
 
-def quantizer_choice(recipe: Recipe) -> str:
-    """options.quantizer of awq / smoothquant: how the (scaled) weights are quantized, rtn or
-    gptq; GPTQ's own options are accepted with gptq only."""
+class QuantizerOptions(MethodOptions):
+    """What AWQ and SmoothQuant share: `quantizer`, how the (scaled) weights are quantized (rtn or
+    gptq), and with gptq the GPTQ options. A recipe writes those flat beside the method's own
+    (its hash is the dict as written); the model holds them nested, as `gptq`."""
 
-    quantizer = recipe.options.get("quantizer", "rtn")
-    if quantizer not in ("rtn", "gptq"):
-        raise RecipeError(f"recipe {recipe.name}: {recipe.method} quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
-    gptq_keys = set(recipe.options) & OPTION_KEYS
-    if gptq_keys and quantizer != "gptq":
-        raise RecipeError(f"recipe {recipe.name}: option(s) {sorted(gptq_keys)} apply to quantizer: gptq only")
-    return quantizer
+    quantizer: Literal["rtn", "gptq"] = "rtn"
+    gptq: GptqMethodOptions | None = None
 
+    @classmethod
+    def known(cls) -> set[str]:
+        return set(cls.model_fields) - {"gptq"} | set(GptqMethodOptions.model_fields)
 
-def gptq_block_quantizer(recipe: Recipe, plan: dict[str, tuple[str, int | None]]):
-    """The GPTQ solver with the recipe's GPTQ options, as a per-Linear quantizer for quantize_block."""
+    @classmethod
+    def prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
+        quantizer = data.get("quantizer", "rtn")
+        if quantizer not in ("rtn", "gptq"):
+            raise ValueError(f"{cls.method} quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
+        own = {k: v for k, v in data.items() if k not in GptqMethodOptions.model_fields}
+        flat = {k: v for k, v in data.items() if k in GptqMethodOptions.model_fields}
+        if flat and quantizer != "gptq":
+            raise ValueError(f"option(s) {sorted(flat)} apply to quantizer: gptq only")
+        return {**own, "gptq": parse_options(flat, GptqMethodOptions)} if quantizer == "gptq" else own
 
-    gptq_recipe = recipe.model_copy(update={"options": {k: v for k, v in recipe.options.items() if k in OPTION_KEYS}})
-    return gptq_quantizer(gptq_options(gptq_recipe, plan))
+    def weight_quantizer(self, recipe: Recipe, plan: dict[str, tuple[str, int | None]]) -> WeightQuantizer | None:
+        """GPTQ with these options as a per-Linear quantizer for quantize_block; None for rtn."""
+        return gptq_quantizer(gptq_options(recipe, self.gptq, plan)) if self.gptq is not None else None
 
-
-def check_gptq_option_values(options: dict[str, Any]) -> None:
-    """Types and ranges of GPTQ's options (the solver would fail or hang on them mid-walk)."""
-    for name in ("blocksize", "max_damp_tries"):
-        if name in options and (not is_int(options[name]) or options[name] < 1):
-            raise RecipeError(f"gptq option {name} must be an integer >= 1, got {options[name]!r}")
-    if "percdamp" in options:
-        value = options["percdamp"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise RecipeError(f"gptq option percdamp must be a number in (0, 1], got {value!r}")
-    for name in ("actorder", "static_groups", "true_sequential"):
-        if name in options and not isinstance(options[name], bool):
-            raise RecipeError(f"gptq option {name} must be true or false, got {options[name]!r}")
-    check_clip_option_values(options, "gptq")
+    @property
+    def true_sequential(self) -> bool:
+        return self.gptq is not None and self.gptq.true_sequential
 
 
 def check_gptq(recipe: Recipe) -> None:
-    unknown = set(recipe.options) - OPTION_KEYS
-    if unknown:
-        raise RecipeError(f"unknown gptq option(s) {sorted(unknown)} (known: {sorted(OPTION_KEYS)})")
-    check_gptq_option_values(recipe.options)
-    if recipe.options.get("clip_search") and recipe.weights.type != "int":
+    """Load-time checks beyond the options model: the clipping search is for integer weights."""
+    if options_of(recipe, GptqMethodOptions).clip_search and recipe.weights.type != "int":
         raise RecipeError("gptq option clip_search is for integer weights (weights: type int)")

@@ -9,30 +9,49 @@ from typing import Any
 
 import torch.nn as nn
 
+from pydantic import field_validator
+
 from quantmill.core.errors import RecipeError
 from quantmill.core.qparams import QuantizedWeight, quantize_weight_rtn
-from quantmill.methods.base import MethodContext, MethodResult, check_options, target_linears, weight_error_report
+from quantmill.methods.base import MethodContext, MethodResult, target_linears, weight_error_report
+from quantmill.methods.options import MethodOptions, options_of
 from quantmill.methods.recipe import Recipe
 from quantmill.nn.llm_int8 import DEFAULT_THRESHOLD, LLMInt8Linear, inputs_label, validate_threshold
 
 CHECKPOINT_FORMAT = "quantmill-llm-int8"  # compressed-tensors has none for the outlier split
-LLM_INT8_OPTIONS = {"threshold", "zero_point"}
+
+
+class LlmInt8Options(MethodOptions):
+    """threshold: an input column whose max|x| reaches it goes through the float path (inf: none
+    does). zero_point: quantize the int8 part's inputs per token with a zero point (the paper's
+    zeropoint vector-wise quantization) instead of absmax (bitsandbytes')."""
+
+    method = "llm_int8"
+    threshold: float = DEFAULT_THRESHOLD
+    zero_point: bool = False
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _positive(cls, value: Any) -> float:
+        try:
+            return validate_threshold(value)
+        except RecipeError as err:
+            raise ValueError(str(err)) from None
+
+    @field_validator("zero_point", mode="before")
+    @classmethod
+    def _a_bool(cls, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"llm_int8 zero_point must be true or false, got {value!r}")
+        return value
 
 
 def llm_int8_threshold(recipe: Recipe) -> float:
-    try:
-        return validate_threshold(recipe.options.get("threshold", DEFAULT_THRESHOLD))
-    except RecipeError as err:
-        raise RecipeError(f"recipe {recipe.name}: {err}") from None
+    return options_of(recipe, LlmInt8Options).threshold
 
 
 def llm_int8_zero_point(recipe: Recipe) -> bool:
-    """options.zero_point: quantize the int8 part's inputs per token with a zero point (the paper's
-    zeropoint vector-wise quantization) instead of absmax (bitsandbytes'). false unless set."""
-    value = recipe.options.get("zero_point", False)
-    if not isinstance(value, bool):
-        raise RecipeError(f"recipe {recipe.name}: llm_int8 zero_point must be true or false, got {value!r}")
-    return value
+    return options_of(recipe, LlmInt8Options).zero_point
 
 
 def llm_int8(ctx: MethodContext) -> MethodResult:
@@ -42,9 +61,8 @@ def llm_int8(ctx: MethodContext) -> MethodResult:
     calibration set)."""
 
     recipe = ctx.recipe
-    check_options(recipe, LLM_INT8_OPTIONS)
-    threshold = llm_int8_threshold(recipe)
-    zero_point = llm_int8_zero_point(recipe)
+    options = options_of(recipe, LlmInt8Options)
+    threshold, zero_point = options.threshold, options.zero_point
     w = recipe.weights
     if (w.type, w.bits, w.symmetric, w.granularity) != ("int", 8, True, "channel"):
         raise RecipeError(f"recipe {recipe.name}: llm_int8 stores symmetric int8 weights per output channel (weights: bits 8, symmetric, granularity channel)")
@@ -72,7 +90,5 @@ def llm_int8_outlier_fractions(model: nn.Module) -> dict[str, float]:
 
 
 def check_llm_int8(recipe: Recipe) -> None:
-    """Load-time checks: known options, a valid threshold, a bool zero_point."""
-    check_options(recipe, LLM_INT8_OPTIONS)
-    llm_int8_threshold(recipe)
-    llm_int8_zero_point(recipe)
+    """Load-time checks: the options model (a known key, a valid threshold, a bool zero_point)."""
+    options_of(recipe, LlmInt8Options)

@@ -10,29 +10,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pydantic import BaseModel
-
 from quantmill.core.errors import RecipeError
-from quantmill.methods.awq import awq, check_awq
+from quantmill.methods.awq import AwqOptions, awq, check_awq
 from quantmill.methods.base import COMPRESSED_TENSORS, MethodContext, MethodResult, check_ignore_patterns
-from quantmill.methods.gptq import check_gptq, gptq
+from quantmill.methods.gptq import GptqMethodOptions, check_gptq, gptq
 from quantmill.methods.llm_int8 import CHECKPOINT_FORMAT as LLM_INT8_FORMAT
-from quantmill.methods.llm_int8 import check_llm_int8, llm_int8
+from quantmill.methods.llm_int8 import LlmInt8Options, check_llm_int8, llm_int8
+from quantmill.methods.options import MethodOptions, options_of
 from quantmill.methods.recipe import Recipe
-from quantmill.methods.rtn import check_rtn, rtn
-from quantmill.methods.smoothquant import check_smoothquant, smoothquant
+from quantmill.methods.rtn import RtnOptions, check_rtn, rtn
+from quantmill.methods.smoothquant import SmoothQuantOptions, check_smoothquant, smoothquant
 
 
 @dataclass(frozen=True)
 class Method:
-    """One method: what runs, which version of its numbers, how a recipe is checked at load time,
-    how its options are typed (None: still a checked dict) and which checkpoint format it writes."""
+    """One method: what runs, which version of its numbers, how a recipe is checked at load time
+    (beyond its options), which checkpoint format it writes and the model of its options."""
 
     run: Callable[[MethodContext], MethodResult]
     version: int
     check: Callable[[Recipe], None]
     checkpoint_format: str
-    options: type[BaseModel] | None = None
+    options: type[MethodOptions]
 
 
 # Bump a method's version when its numbers for the same recipe change (a new search, a fixed bug):
@@ -41,11 +40,11 @@ class Method:
 # 2^bits levels (scale absmax / ((qmax - qmin) / 2)), which changes every such weight they write.
 # llm_int8 writes 8-bit weights only, which keep absmax / 127: its entries stay valid.
 REGISTRY: dict[str, Method] = {
-    "rtn": Method(rtn, 2, check_rtn, COMPRESSED_TENSORS),
-    "gptq": Method(gptq, 2, check_gptq, COMPRESSED_TENSORS),
-    "llm_int8": Method(llm_int8, 1, check_llm_int8, LLM_INT8_FORMAT),
-    "awq": Method(awq, 2, check_awq, COMPRESSED_TENSORS),
-    "smoothquant": Method(smoothquant, 2, check_smoothquant, COMPRESSED_TENSORS),
+    "rtn": Method(rtn, 2, check_rtn, COMPRESSED_TENSORS, RtnOptions),
+    "gptq": Method(gptq, 2, check_gptq, COMPRESSED_TENSORS, GptqMethodOptions),
+    "llm_int8": Method(llm_int8, 1, check_llm_int8, LLM_INT8_FORMAT, LlmInt8Options),
+    "awq": Method(awq, 2, check_awq, COMPRESSED_TENSORS, AwqOptions),
+    "smoothquant": Method(smoothquant, 2, check_smoothquant, COMPRESSED_TENSORS, SmoothQuantOptions),
 }
 
 
@@ -58,6 +57,7 @@ def check_recipe(recipe: Recipe) -> None:
     method = REGISTRY.get(recipe.method)
     try:
         if method is not None:
+            options_of(recipe, method.options)  # a bad or unknown option, named
             method.check(recipe)
     except RecipeError as err:  # the methods' own checks say "recipe NAME: ..."; the caller names the file
         raise RecipeError(str(err).removeprefix(f"recipe {recipe.name}: ")) from None

@@ -10,28 +10,17 @@ import torch
 
 from quantmill.core.errors import RecipeError
 from quantmill.core.fp8 import quantize_weight_fp8
-from quantmill.core.qparams import ClipSearch, QuantizedWeight, quantize_weight_rtn
-from quantmill.methods.base import (
-    MethodContext,
-    MethodResult,
-    check_clip_option_values,
-    layer_granularity,
-    target_linears,
-    weight_error_report,
-)
+from quantmill.core.qparams import QuantizedWeight, quantize_weight_rtn
+from quantmill.methods.base import MethodContext, MethodResult, layer_granularity, target_linears, weight_error_report
+from quantmill.methods.options import ClipOptions, options_of
 from quantmill.methods.recipe import Recipe
 from quantmill.methods.schemes import static_input_qparams
 
 
-RTN_OPTIONS = {"clip_search", "clip_grid", "clip_min_ratio"}
+class RtnOptions(ClipOptions):
+    """rtn's options: only the optional clipping-ratio search."""
 
-
-def rtn_clip_search(recipe: Recipe) -> ClipSearch | None:
-    """rtn's optional clipping-ratio search (`clip_search: true`, `clip_grid`, `clip_min_ratio`)."""
-    o = recipe.options
-    if not o.get("clip_search", False):
-        return None
-    return ClipSearch(grid=int(o.get("clip_grid", 20)), min_ratio=float(o.get("clip_min_ratio", 0.8)))
+    method = "rtn"
 
 
 def rtn(ctx: MethodContext) -> MethodResult:
@@ -41,7 +30,7 @@ def rtn(ctx: MethodContext) -> MethodResult:
     plan = layer_granularity(ctx.recipe, linears)
     w = ctx.recipe.weights
     input_qparams, act_rows = static_input_qparams(ctx.recipe, ctx.stats, list(linears))
-    clip = rtn_clip_search(ctx.recipe)
+    clip = options_of(ctx.recipe, RtnOptions).search()
     weights, report = {}, []
     for name, linear in linears.items():
         granularity, group_size = plan[name]
@@ -69,9 +58,6 @@ def rtn_quantizer(plan: dict[str, tuple[str, int | None]], recipe: Recipe):
 
 
 def check_rtn(recipe: Recipe) -> None:
-    unknown = set(recipe.options) - RTN_OPTIONS
-    if unknown:
-        raise RecipeError(f"unknown rtn option(s) {sorted(unknown)} (known: {sorted(RTN_OPTIONS)})")
-    check_clip_option_values(recipe.options, "rtn")
-    if recipe.options.get("clip_search") and recipe.weights.type != "int":
+    """Load-time checks beyond the options model: the search is for integer weights."""
+    if options_of(recipe, RtnOptions).clip_search and recipe.weights.type != "int":
         raise RecipeError("rtn option clip_search is for integer weights (weights: type int)")

@@ -9,10 +9,11 @@ every block. The folds and the alpha search are quantmill/solvers/smoothquant.py
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+from pydantic import Field, field_validator, model_validator
 
 from quantmill.core.errors import RecipeError, StatsError
 from quantmill.methods.base import (
@@ -20,23 +21,19 @@ from quantmill.methods.base import (
     MethodContext,
     MethodResult,
     block_params,
-    check_options,
-    is_int,
     layer_granularity,
     restore_params,
     search_batches,
     target_linears,
 )
 from quantmill.methods.gptq import (
-    OPTION_KEYS,
+    QuantizerOptions,
     block_linear_names,
-    check_gptq_option_values,
     collect_weights,
-    gptq_block_quantizer,
     quantize_block,
-    quantizer_choice,
     restore_block_weights,
 )
+from quantmill.methods.options import options_of
 from quantmill.methods.recipe import Recipe
 from quantmill.methods.rtn import rtn
 from quantmill.methods.schemes import static_input_qparams
@@ -63,20 +60,65 @@ from quantmill.solvers.smoothquant import (
 )
 
 
-SMOOTHQUANT_OPTIONS = {"alpha", "grid", "search", "search_samples", "search_error", "v_o", "up_down", "quantizer"}
 SEARCHES = ("shared", "per_fold")
 
 
-def smoothquant_alpha(recipe: Recipe) -> float | str:
-    """The recipe's alpha: a number in [0, 1], or "auto" (searched per decoder block)."""
-
-    alpha = recipe.options.get("alpha", 0.5)
-    if alpha == "auto":
-        return alpha
+def _alpha(value: Any) -> float:
     try:
-        return validate_alpha(alpha)
+        return validate_alpha(value)
     except RecipeError as err:
-        raise RecipeError(f"recipe {recipe.name}: {err} (or 'auto')") from None
+        raise ValueError(str(err)) from None
+
+
+class SmoothQuantOptions(QuantizerOptions):
+    """smoothquant's options, beside `quantizer` (rtn | gptq, gptq with the GPTQ options); see
+    `smoothquant` for what each does."""
+
+    method = "smoothquant"
+    alpha: float | Literal["auto"] = 0.5
+    grid: tuple[float, ...] = ALPHA_GRID
+    search: str = "shared"
+    search_samples: int = Field(8, ge=1, strict=True, description="an integer >= 1")
+    search_error: str = "mse"
+    v_o: bool = Field(True, strict=True, description="true or false")
+    up_down: bool = Field(True, strict=True, description="true or false")
+
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha_or_auto(cls, value: Any) -> float | str:
+        if value == "auto":
+            return value
+        try:
+            return _alpha(value)
+        except ValueError as err:
+            raise ValueError(f"{err} (or 'auto')") from None
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _alphas(cls, value: Any) -> tuple[float, ...]:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"smoothquant option grid must be a non-empty list of alphas in [0, 1], got {value!r}")
+        return tuple(_alpha(a) for a in value)
+
+    @field_validator("search_error", mode="before")
+    @classmethod
+    def _known_error(cls, value: Any) -> str:
+        if value not in SEARCH_ERRORS:
+            raise ValueError(f"smoothquant search_error must be one of {SEARCH_ERRORS}, got {value!r}")
+        return value
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _known_search(cls, value: Any) -> str:
+        if value not in SEARCHES:
+            raise ValueError(f"smoothquant search must be one of {SEARCHES}, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _per_fold_needs_auto(self) -> "SmoothQuantOptions":
+        if self.search != "shared" and self.alpha != "auto":
+            raise ValueError(f"smoothquant search {self.search!r} needs alpha: auto")
+        return self
 
 
 def smooth_layer(
@@ -159,30 +201,18 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
     """
 
     recipe = ctx.recipe
-    check_options(recipe, SMOOTHQUANT_OPTIONS | OPTION_KEYS)
-    alpha = smoothquant_alpha(recipe)
-    if recipe.activations is None:
-        raise RecipeError(f"recipe {recipe.name}: smoothquant prepares activations for quantization: add an `activations` scheme (W8A8)")
-    grid = [validate_alpha(a) for a in recipe.options.get("grid", ALPHA_GRID)]
-    samples = int(recipe.options.get("search_samples", 8))
-    search_error = recipe.options.get("search_error", "mse")
-    if search_error not in SEARCH_ERRORS:
-        raise RecipeError(f"recipe {recipe.name}: smoothquant search_error must be one of {SEARCH_ERRORS}, got {search_error!r}")
-    search = recipe.options.get("search", "shared")
-    if search not in SEARCHES:
-        raise RecipeError(f"recipe {recipe.name}: smoothquant search must be one of {SEARCHES}, got {search!r}")
-    if search != "shared" and alpha != "auto":
-        raise RecipeError(f"recipe {recipe.name}: smoothquant search {search!r} needs alpha: auto")
-    v_o = bool(recipe.options.get("v_o", True))
-    up_down = bool(recipe.options.get("up_down", True))
-    quantizer = quantizer_choice(recipe)
-    if quantizer == "gptq" and recipe.weights.type != "int":
-        raise RecipeError(f"recipe {recipe.name}: smoothquant quantizer gptq needs integer weights (weights: type int)")
+    options = options_of(recipe, SmoothQuantOptions)
+    try:
+        check_scheme(recipe, options)
+    except RecipeError as err:
+        raise RecipeError(f"recipe {recipe.name}: {err}") from None
+    alpha, grid, samples, search, search_error = options.alpha, list(options.grid), options.search_samples, options.search, options.search_error
+    v_o, up_down, quantizer = options.v_o, options.up_down, options.quantizer
     arch_names = block_folds(ctx.model, "smoothquant")
     prefix = layout_of(ctx.model).layers
     plan = layer_granularity(recipe, target_linears(ctx.model, recipe))
-    quantize_one = gptq_block_quantizer(recipe, plan) if quantizer == "gptq" else None
-    true_sequential = bool(recipe.options.get("true_sequential", False))
+    quantize_one = options.weight_quantizer(recipe, plan)
+    true_sequential = options.true_sequential
     quantize_fn = _fake_w8a8(recipe)
     stats_visit = _block_visitor(DEFAULT_NBINS)
 
@@ -236,7 +266,8 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
             smoothed_stats[p + name] = smoothed_stats[p + owner]
         alphas[index] = meta["alpha"]
     if quantize_one is None:
-        result = rtn(MethodContext(ctx.model, recipe, smoothed_stats, ctx.calibration, ctx.device))
+        rtn_recipe = recipe.model_copy(update={"options": {}})  # plain RTN: smoothquant's options are not rtn's
+        result = rtn(MethodContext(ctx.model, rtn_recipe, smoothed_stats, ctx.calibration, ctx.device))
     else:
         weights, report = collect_weights([(_gptq_tensors(t), m) for t, m in results], prefix, recipe.weights.bits, plan)
         input_qparams, act_rows = static_input_qparams(recipe, smoothed_stats, list(weights))
@@ -257,30 +288,14 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
     return result
 
 
-def check_smoothquant(recipe: Recipe) -> None:
-    """Load-time checks: known options and their types, alpha and its grid, an activations scheme."""
-    o = recipe.options
-    check_options(recipe, SMOOTHQUANT_OPTIONS | OPTION_KEYS)
-    check_gptq_option_values(o)
-    quantizer = quantizer_choice(recipe)
-    if "search_samples" in o and (not is_int(o["search_samples"]) or o["search_samples"] < 1):
-        raise RecipeError(f"smoothquant option search_samples must be an integer >= 1, got {o['search_samples']!r}")
-    for name in ("v_o", "up_down"):
-        if name in o and not isinstance(o[name], bool):
-            raise RecipeError(f"smoothquant option {name} must be true or false, got {o[name]!r}")
-    alpha = smoothquant_alpha(recipe)
+def check_scheme(recipe: Recipe, options: SmoothQuantOptions) -> None:
+    """What the options model cannot see: an activations scheme, integer weights for gptq."""
     if recipe.activations is None:
         raise RecipeError("smoothquant prepares activations for quantization: add an `activations` scheme (W8A8)")
-    grid = o.get("grid", [])
-    if not isinstance(grid, list) or not grid and "grid" in o:
-        raise RecipeError(f"smoothquant option grid must be a non-empty list of alphas in [0, 1], got {grid!r}")
-    for a in grid:
-        validate_alpha(a)
-    if o.get("search_error", "mse") not in SEARCH_ERRORS:
-        raise RecipeError(f"smoothquant search_error must be one of {SEARCH_ERRORS}, got {o['search_error']!r}")
-    if o.get("search", "shared") not in SEARCHES:
-        raise RecipeError(f"smoothquant search must be one of {SEARCHES}, got {o['search']!r}")
-    if o.get("search", "shared") != "shared" and alpha != "auto":
-        raise RecipeError(f"smoothquant search {o['search']!r} needs alpha: auto")
-    if quantizer == "gptq" and recipe.weights.type != "int":
+    if options.quantizer == "gptq" and recipe.weights.type != "int":
         raise RecipeError("smoothquant quantizer gptq needs integer weights (weights: type int)")
+
+
+def check_smoothquant(recipe: Recipe) -> None:
+    """Load-time checks: the options model, then the recipe's schemes."""
+    check_scheme(recipe, options_of(recipe, SmoothQuantOptions))
