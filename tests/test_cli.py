@@ -16,7 +16,7 @@ import torch
 
 from quantmill.tasks.store import STAGE_VERSIONS
 from tests.conftest import REPO, run_cli
-from tests.tiny import make_tiny_llama
+from tests.tiny import make_tiny_gpt2, make_tiny_llama
 
 SMALL = ["--calib-samples", "8", "--seq-len", "64", "--eval-windows", "2"]
 
@@ -181,3 +181,14 @@ def test_sigkill_during_stats_then_rerun_resumes_and_completes(cli_env, tmp_path
     assert resumed.keys() == uninterrupted.keys()
     for k in resumed:
         assert torch.equal(resumed[k], uninterrupted[k]), k
+
+
+def test_a_gpt2_checkpoint_is_refused_before_any_stage(cli_env, tmp_path):
+    """GPT-2's blocks are Conv1D, which quantmill does not quantize: refused from config.json
+    alone, with one line naming the architecture, before the first stage runs."""
+    model = make_tiny_gpt2(tmp_path / "gpt2")
+    done = run_cli(["quantize", "--model", str(model), "--recipe", "w8a16-rtn", "--calib-samples", "4", "--seq-len", "32", "--eval-windows", "2"], cli_env)
+    assert done.returncode == 2
+    assert_one_line_error(done, "architecture 'gpt2' cannot be quantized", "Conv1D")
+    home = Path(cli_env["QUANTMILL_HOME"])
+    assert not any((home / stage).exists() for stage in STAGE_VERSIONS)  # no stage ran

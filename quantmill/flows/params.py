@@ -22,6 +22,7 @@ from quantmill.core.errors import DatasetError, QuantmillError, RecipeError, Sou
 from quantmill.io.sources import ModelSource, load_tokenizer, validate_source
 from quantmill.methods.recipe import Recipe
 from quantmill.methods.recipe_files import builtin_recipes, load_recipe, parse_recipe, yaml_documents
+from quantmill.model.arch import check_quantizable_type
 from quantmill.model.calibration import load_text, parse_spec, tokenize_prefix
 from quantmill.tasks.calibrate import CalibrationSpec, EvaluationSpec
 from quantmill.tasks.store import default_root
@@ -134,14 +135,19 @@ def _check_source_syntax(model: str) -> None:
         raise SourceError(f"model source {model!r} is not one of: demo, hf:ORG/NAME[@REV], models:/NAME@ALIAS, models:/NAME/VERSION, a path")
 
 
-def _max_positions(source: ModelSource) -> int | None:
-    """A local folder's max_position_embeddings, read from config.json (no model loaded)."""
+def _local_config(source: ModelSource) -> dict[str, Any]:
+    """A local folder's config.json (no model loaded); {} for other sources or an unreadable file
+    (resolve_model names what is wrong with it)."""
     if source.kind != "dir":
-        return None
+        return {}
     try:
         config = json.loads((Path(source.target) / "config.json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _max_positions(config: dict[str, Any]) -> int | None:
     value = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
     return int(value) if isinstance(value, int) else None
 
@@ -237,7 +243,10 @@ def check_request(
             parse_spec(raw["dataset"])
     calib = _form(CalibrationForm, "calibration", calibration).spec()
     evals = _form(EvaluationForm, "evaluation", evaluation).spec()
-    limit = _max_positions(source)
+    config = _local_config(source)
+    if isinstance(config.get("model_type"), str):
+        check_quantizable_type(config["model_type"])
+    limit = _max_positions(config)
     for what, length in (("calibration", calib.seq_len), ("evaluation", evals.seq_len)):
         if limit is not None and length > limit:
             raise QuantmillError(f"{what} seq_len {length} exceeds the model's max_position_embeddings {limit} ({model})")

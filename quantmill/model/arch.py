@@ -108,11 +108,18 @@ def architecture_of(model: nn.Module) -> Architecture:
     return ARCHITECTURES[model_type]
 
 
+def check_quantizable_type(model_type: str) -> None:
+    """Refuse a model type the table says quantmill cannot quantize (from config.json alone, so
+    a request can be refused before any work; unknown types are left to `architecture_of`)."""
+    arch = ARCHITECTURES.get(model_type)
+    if arch is not None and arch.refused:
+        raise SourceError(f"architecture {model_type!r} cannot be quantized: {arch.refused}")
+
+
 def quantizable(model: nn.Module) -> Architecture:
     """`architecture_of`, refusing an architecture the table says quantmill cannot quantize."""
     arch = architecture_of(model)
-    if arch.refused:
-        raise SourceError(f"architecture {model_type_of(model)!r} cannot be quantized: {arch.refused}")
+    check_quantizable_type(model_type_of(model))
     return arch
 
 
