@@ -3,8 +3,9 @@
 The model stays on the CPU; the inputs of block 0 are caught with the reference GPTQ code's
 "Catcher" (a stand-in for block 0 that records its inputs and stops the forward pass), then each
 block moves to the device, is visited (statistics, quantization, ...), produces the next block's
-inputs, and moves back. With a `partial_dir`, each block's result and the next block's inputs are
-written as soon as the block is done, so a killed run resumes at the next block.
+inputs, and moves back. With a `partial_dir`, finished blocks' results and the next block's inputs
+are written on a `SaveSchedule` (after every block where saving is cheap against a block), so a
+killed run resumes after the last saved block.
 """
 
 from __future__ import annotations
