@@ -138,7 +138,7 @@ def quantmill_quantize(folder: Path, ref: str, calibration, stats, out: Path) ->
     seconds: the span the peer's `oneshot` covers (its model is loaded before and saved after)."""
     import torch
 
-    import quantmill.core.qparams as qparams
+    import quantmill.core.grid as grid
     from quantmill.io.checkpoint import save_quantized
     from quantmill.methods.base import MethodContext
     from quantmill.methods.registry import REGISTRY
@@ -147,11 +147,11 @@ def quantmill_quantize(folder: Path, ref: str, calibration, stats, out: Path) ->
 
     name, _, variant = ref.partition("@")
     recipe = load_recipe(name)
-    full_range = qparams.weight_full_range
+    full_range = grid.weight_full_range
     if variant == "restricted":  # ablation: the pre-issue-21 grid (absmax / qmax, 15 levels at 4 bits)
-        qparams.weight_full_range = lambda bits: False
+        grid.weight_full_range = lambda bits: False
     elif variant == "full":  # ablation: the full grid at every width (8 bits included)
-        qparams.weight_full_range = lambda bits: True
+        grid.weight_full_range = lambda bits: True
     try:
         net = load_model(folder)
         start = time.perf_counter()
@@ -161,7 +161,7 @@ def quantmill_quantize(folder: Path, ref: str, calibration, stats, out: Path) ->
         save_quantized(net, result.weights, recipe, out, {"bench": "vs_llmcompressor"}, tokenizer_dir=folder,
                        input_qparams=result.input_qparams, release_weights=True)
     finally:
-        qparams.weight_full_range = full_range
+        grid.weight_full_range = full_range
     del net, ctx, result
     gc.collect()
     return seconds

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantmill.core.errors import RecipeError
+from quantmill.core.grid import IntGrid
 from quantmill.core.qparams import quantize_weight_rtn
 from quantmill.model.arch import ARCHITECTURES
 from quantmill.solvers.awq import apply_awq_to_layer, awq_search_scales, capture_linear_inputs, clip_search
@@ -41,7 +42,7 @@ def rtn_layer_(layer: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name in LINEARS:
             lin = layer.get_submodule(name)
-            lin.weight.copy_(quantize_weight_rtn(lin.weight, BITS, False, "group", GROUP).dequantize())
+            lin.weight.copy_(quantize_weight_rtn(lin.weight, IntGrid.for_weights(BITS, False), "group", GROUP).dequantize())
     return layer
 
 
@@ -103,7 +104,7 @@ def test_search_ratio_zero_is_plain_rtn_and_the_best_is_no_worse() -> None:
         X = torch.randn(256, 64)
         X[:, SALIENT] *= 30.0
         s, errors = awq_search_scales([lin], X, X.abs().mean(dim=0), BITS, GROUP, symmetric=True, grid=20)
-        W_rtn = quantize_weight_rtn(lin.weight.detach(), BITS, True, "group", GROUP).dequantize()
+        W_rtn = quantize_weight_rtn(lin.weight.detach(), IntGrid.for_weights(BITS, True), "group", GROUP).dequantize()
         err_rtn = (X @ W_rtn.t() - X @ lin.weight.detach().t()).pow(2).mean().item()
         assert len(errors) == 20
         assert errors[0] == pytest.approx(err_rtn, rel=1e-5)
@@ -130,7 +131,7 @@ def test_clip_search_shrinks_groups_with_a_stray_large_weight() -> None:
     assert lin.weight.abs().max() < W0.abs().max()
 
     def q_err(W: torch.Tensor) -> float:
-        Q = quantize_weight_rtn(W, BITS, True, "group", GROUP).dequantize()
+        Q = quantize_weight_rtn(W, IntGrid.for_weights(BITS, True), "group", GROUP).dequantize()
         return (X @ Q.t() - X @ W0.t()).pow(2).mean().item()
 
     assert q_err(lin.weight.detach()) < q_err(W0)

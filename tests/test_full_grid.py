@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from quantmill.core.errors import RecipeError
+from quantmill.core.grid import IntGrid
 from quantmill.core.qparams import ClipSearch, compute_qparams, quantize_weight_rtn, search_clip_qparams
 from quantmill.io.checkpoint import load_quantized, save_quantized
 from quantmill.io.sources import load_model
@@ -24,7 +25,7 @@ from tests.tiny import make_tiny_llama
 def test_a_symmetric_int4_group_with_extremes_minus_a_and_a_hits_minus_8_and_7():
     a = 0.9375  # scale a / 7.5 = 0.125 exactly, so -a / scale is exactly -7.5 (ties round to even: -8)
     w = torch.tensor([[-a, -0.5, 0.0, 0.2, 0.61, a] + [0.1] * 58])
-    qw = quantize_weight_rtn(w, 4, True, "group", 64)
+    qw = quantize_weight_rtn(w, IntGrid.for_weights(4, True), "group", 64)
     assert qw.scale.item() == a / 7.5
     assert qw.q.min().item() == -8 and qw.q.max().item() == 7
     assert qw.dequantize()[0, 0].item() == -1.0 and qw.dequantize()[0, 5].item() == 0.875
@@ -35,15 +36,15 @@ def test_a_spread_group_uses_every_one_of_the_2_pow_bits_levels(bits):
     levels = 2**bits
     a = levels / 2 - 0.5  # scale exactly 1: -a is a tie that rounds to the even -levels / 2
     w = torch.linspace(-a, a, 4 * levels).reshape(1, -1)
-    qw = quantize_weight_rtn(w, bits, True, "channel")
+    qw = quantize_weight_rtn(w, IntGrid.for_weights(bits, True), "channel")
     assert qw.scale.item() == 1.0
     assert sorted(set(qw.q.flatten().tolist())) == list(range(-(levels // 2), levels // 2))
 
 
 def test_8_bit_weights_keep_the_symmetric_absmax_over_127_grid():
-    # Gated (quantmill.core.qparams.weight_full_range): the int8 grid stays symmetric, -128 unused.
+    # Gated (quantmill.core.grid.weight_full_range): the int8 grid stays symmetric, -128 unused.
     w = torch.linspace(-1, 1, 1024).reshape(1, -1)
-    qw = quantize_weight_rtn(w, 8, True, "channel")
+    qw = quantize_weight_rtn(w, IntGrid.for_weights(8, True), "channel")
     assert qw.scale.item() == pytest.approx(1 / 127)
     assert qw.q.min().item() == -127 and qw.q.max().item() == 127
 
@@ -59,7 +60,7 @@ def test_scales_and_rounding_equal_compressed_tensors(bits, symmetric):
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=64)
     wg = w.reshape(16, 2, 64)
     ct_scale, ct_zp = calculate_qparams(wg.amin(dim=2), wg.amax(dim=2), args)
-    qw = quantize_weight_rtn(w, bits, symmetric, "group", 64)
+    qw = quantize_weight_rtn(w, IntGrid.for_weights(bits, symmetric), "group", 64)
     assert torch.allclose(qw.scale, ct_scale, rtol=1e-6, atol=0)
     assert torch.equal(qw.zero_point.float(), ct_zp.float())
     ct_deq = fake_quantize(w, ct_scale, ct_zp.to(torch.int8), args)
@@ -85,7 +86,7 @@ def test_clip_search_never_raises_the_weighted_error_and_clips_an_outlier_group(
         return ((deq - wg).square() * importance).sum(dim=2)
 
     plain = compute_qparams(wg.amin(dim=2), wg.amax(dim=2), 4, True, full_range=True)
-    searched = search_clip_qparams(wg, 4, True, ClipSearch(grid=20, min_ratio=0.5), importance)
+    searched = search_clip_qparams(wg, IntGrid(4, True, full_range=True), ClipSearch(grid=20, min_ratio=0.5), importance)
     assert (err(*searched) <= err(*plain) + 1e-6).all()
     assert searched[0][0, 0] < plain[0][0, 0]
     assert err(*searched).sum() < err(*plain).sum()

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from quantmill.core.qparams import int_range, quantize_weight_rtn, weight_qparams
+from quantmill.core.grid import E4M3, IntGrid, int_range
+from quantmill.core.qparams import quantize_weight_rtn
 from quantmill.solvers.gptq import GPTQOptions, GPTQResult, HessianAccumulator, gptq_quantize
 
 DEVICES = [
@@ -71,7 +72,7 @@ def test_gptq_with_identity_hessian_equals_rtn(device: str, symmetric: bool, gro
     opts = GPTQOptions(bits=4, symmetric=symmetric, group_size=group_size, blocksize=32, percdamp=0.01)
     result = gptq_quantize(W, H, opts)
     granularity = "channel" if group_size is None else "group"
-    rtn = quantize_weight_rtn(W, 4, symmetric, granularity, group_size)
+    rtn = quantize_weight_rtn(W, IntGrid.for_weights(4, symmetric), granularity, group_size)
     assert not result.fallback_rtn and result.weight.g_idx is None
     _assert_same_weight(result.weight, rtn)
     assert result.weight.q.device.type == device
@@ -85,7 +86,7 @@ def test_gptq_with_diagonal_hessian_and_actorder_static_groups_equals_rtn() -> N
     opts = GPTQOptions(bits=3, symmetric=False, group_size=16, actorder=True, static_groups=True, blocksize=24)
     result = gptq_quantize(W, H, opts)
     assert result.weight.g_idx is None
-    _assert_same_weight(result.weight, quantize_weight_rtn(W, 3, False, "group", 16))
+    _assert_same_weight(result.weight, quantize_weight_rtn(W, IntGrid.for_weights(3, False), "group", 16))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -93,7 +94,7 @@ def test_gptq_beats_rtn_on_correlated_inputs(device: str) -> None:
     W, X, H = _correlated_layer()
     W, X, H = W.to(device), X.to(device), H.to(device)
     result = gptq_quantize(W, H, GPTQOptions(bits=4, symmetric=True))
-    rtn = quantize_weight_rtn(W, 4, True, "channel")
+    rtn = quantize_weight_rtn(W, IntGrid.for_weights(4, True), "channel")
     err_gptq = torch.linalg.norm(X @ W.T - X @ result.weight.dequantize().T).item()
     err_rtn = torch.linalg.norm(X @ W.T - X @ rtn.dequantize().T).item()
     print(f"\n[{device}] output error ||XW^T - XQ^T||_F: RTN {err_rtn:.2f}, GPTQ {err_gptq:.2f}")
@@ -104,22 +105,18 @@ def test_gptq_beats_rtn_on_correlated_inputs(device: str) -> None:
 
 def test_fp8_gptq_with_identity_hessian_equals_fp8_rtn() -> None:
     # The e4m3 grid through the same solver: with H = I there is no feedback, so it is RTN's fp8.
-    from quantmill.core.fp8 import quantize_weight_fp8
-
     W = torch.randn(24, 64, generator=_gen(11)) * 0.05
     result = gptq_quantize(W, torch.eye(64), GPTQOptions(bits=8, weight_type="fp8", blocksize=32))
-    rtn = quantize_weight_fp8(W, "channel")
+    rtn = quantize_weight_rtn(W, E4M3, "channel")
     assert result.weight.q.dtype == torch.float8_e4m3fn
     _assert_same_weight(result.weight, rtn)
 
 
 @pytest.mark.parametrize("actorder", [False, True])
 def test_fp8_gptq_beats_fp8_rtn_on_correlated_inputs(actorder: bool) -> None:
-    from quantmill.core.fp8 import quantize_weight_fp8
-
     W, X, H = _correlated_layer(seed=12)
     result = gptq_quantize(W, H, GPTQOptions(bits=8, weight_type="fp8", actorder=actorder))
-    rtn = quantize_weight_fp8(W, "channel")
+    rtn = quantize_weight_rtn(W, E4M3, "channel")
     err_gptq = torch.linalg.norm(X @ W.T - X @ result.weight.dequantize().T).item()
     err_rtn = torch.linalg.norm(X @ W.T - X @ rtn.dequantize().T).item()
     print(f"\nfp8 output error ||XW^T - XQ^T||_F (actorder={actorder}): RTN {err_rtn:.3f}, GPTQ {err_gptq:.3f}")
@@ -172,7 +169,8 @@ def test_actorder_with_static_groups_keeps_the_plain_layout() -> None:
     result = gptq_quantize(W, H, opts)
     assert result.weight.g_idx is None and result.weight.group_size == 32
     # Static groups: contiguous groups of the original columns, scales from the original weights.
-    scale, zero = weight_qparams(W, 4, False, "group", 32)
+    rtn = quantize_weight_rtn(W, IntGrid.for_weights(4, False), "group", 32)
+    scale, zero = rtn.scale, rtn.zero_point
     assert torch.equal(result.weight.scale, scale) and torch.equal(result.weight.zero_point, zero)
     assert result.loss == pytest.approx(_quadratic_error(W, H, result), rel=1e-3)
 
@@ -233,7 +231,7 @@ def test_impossible_hessian_falls_back_to_rtn(bad: str) -> None:
         H = -H  # negative definite: more dampening only makes it worse
     result = gptq_quantize(W, H, GPTQOptions(bits=4, group_size=16, actorder=True, max_damp_tries=3))
     assert result.fallback_rtn and math.isnan(result.loss) and result.weight.g_idx is None
-    _assert_same_weight(result.weight, quantize_weight_rtn(W, 4, True, "group", 16))
+    _assert_same_weight(result.weight, quantize_weight_rtn(W, IntGrid.for_weights(4, True), "group", 16))
 
 
 def test_hessian_accumulator_over_two_batches_equals_the_whole() -> None:

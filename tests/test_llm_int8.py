@@ -11,6 +11,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantmill.core.errors import RecipeError
+from quantmill.core.grid import IntGrid
 from quantmill.core.qparams import compute_qparams, dequantize, quantize, quantize_weight_rtn
 from quantmill.nn.llm_int8 import LLMInt8Linear, convert_linears, validate_threshold
 from quantmill.nn.quant_linear import int8_matmul
@@ -33,7 +34,7 @@ def inputs_with_outliers(seed: int = 1, C: int = 64) -> torch.Tensor:
 def plain_w8a8_per_token(linear: nn.Linear, x: torch.Tensor, zero_point: bool = False) -> torch.Tensor:
     """Reference int8 W8A8: per-output-row int8 W, per-token int8 X (absmax, or [min, max] with a
     zero point), written with quantmill.core.qparams only."""
-    W = quantize_weight_rtn(linear.weight.detach(), 8, True, "channel").dequantize().double()
+    W = quantize_weight_rtn(linear.weight.detach(), IntGrid.for_weights(8, True), "channel").dequantize().double()
     X = x.reshape(-1, x.shape[-1]).double()
     if zero_point:
         scale, zp = compute_qparams(X.amin(dim=1, keepdim=True), X.amax(dim=1, keepdim=True), 8, False)
@@ -60,7 +61,7 @@ def test_threshold_zero_is_the_float_layer_on_the_dequantized_int8_weight() -> N
     m = LLMInt8Linear.from_linear(linear, threshold=0.0)
     y = m(x)
     assert m.outlier_fraction == 1.0
-    W_deq = quantize_weight_rtn(linear.weight.detach(), 8, True, "channel").dequantize()
+    W_deq = quantize_weight_rtn(linear.weight.detach(), IntGrid.for_weights(8, True), "channel").dequantize()
     assert torch.allclose(m.dequantized_weight(), W_deq)
     assert torch.allclose(y, F.linear(x, W_deq, linear.bias), rtol=1e-5, atol=1e-5)
     # ... so what remains against the original float layer is the weight rounding alone: small.

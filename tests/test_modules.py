@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from quantmill.core.errors import RecipeError
-from quantmill.core.fp8 import FP8_DTYPE, FP8_MAX
+from quantmill.core.grid import FP8_DTYPE, FP8_MAX
 from quantmill.nn.quant_linear import QuantLinear, QuantScheme, fp8_matmul_available, int8_matmul
 from quantmill.solvers.observers import ActivationStats, get_observer
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantmill.core.grid import IntGrid
 from quantmill.core.qparams import ClipSearch, compute_qparams, dequantize, quantize, search_clip_qparams
 from quantmill.solvers.awq import _rtn, awq_search_scales, normalised_scales
 from quantmill.solvers.observers import HistogramAccumulator
@@ -42,7 +43,7 @@ def test_clip_search_in_one_buffer_gives_the_same_bits(symmetric: bool, weighted
     wg[3, 1, 7] = 1.0  # a stray large weight, so clipping wins somewhere
     importance = torch.rand(4, 32) if weighted else None
     search = ClipSearch(grid=20, min_ratio=0.8)
-    fast = search_clip_qparams(wg, bits, symmetric, search, importance)
+    fast = search_clip_qparams(wg, IntGrid(bits, symmetric, full_range=True), search, importance)
     plain = _clip_search_plain(wg, bits, symmetric, search, importance)
     assert torch.equal(fast[0], plain[0]) and torch.equal(fast[1], plain[1])
 

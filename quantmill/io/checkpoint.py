@@ -220,7 +220,7 @@ def _group_size_of(scheme: dict[str, Any]) -> int | None:
 
 
 def dequantize_module(prefix: str, tensors: dict[str, torch.Tensor], num_bits: int, packed: bool) -> torch.Tensor:
-    """A float weight from the stored integer weight, scale, zero point and g_idx of one Linear."""
+    """A float weight from the stored integer or e4m3 weight, scale, zero point and g_idx of one Linear."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     scale = tensors[f"{prefix}.weight_scale"].float()
@@ -241,10 +241,8 @@ def dequantize_module(prefix: str, tensors: dict[str, torch.Tensor], num_bits: i
         groups = torch.arange(inp) // (inp // scale.shape[1])
     else:
         groups = torch.zeros(inp, dtype=torch.long)
-    if q.dtype.is_floating_point:  # fp8 weights: scale only
-        return q.float() * scale[:, groups]
-    qw = QuantizedWeight(q.to(torch.int32), scale, zp, num_bits, g_idx=groups.to(torch.int32))
-    return qw.dequantize()
+    # Integers or e4m3 values (zero points 0): one dequantization for both grids.
+    return QuantizedWeight(q, scale, zp, num_bits, g_idx=groups.to(torch.int32)).dequantize()
 
 
 def _group_of(name: str, groups: dict[str, Any]) -> dict[str, Any]:

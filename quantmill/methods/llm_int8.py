@@ -12,6 +12,7 @@ import torch.nn as nn
 from pydantic import field_validator
 
 from quantmill.core.errors import RecipeError
+from quantmill.core.grid import IntGrid
 from quantmill.core.qparams import QuantizedWeight, quantize_weight_rtn
 from quantmill.methods.base import MethodContext, MethodResult, target_linears, weight_error_report
 from quantmill.methods.options import MethodOptions, options_of
@@ -71,7 +72,7 @@ def llm_int8(ctx: MethodContext) -> MethodResult:
     weights: dict[str, QuantizedWeight] = {}
     report: list[dict[str, Any]] = []
     for name, linear in target_linears(ctx.model, recipe).items():
-        qw = quantize_weight_rtn(linear.weight.data, 8, True, "channel")
+        qw = quantize_weight_rtn(linear.weight.data, IntGrid.for_weights(8, True), "channel")
         weights[name] = qw
         extra: dict[str, Any] = {}
         s = ctx.stats.get(name)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from quantmill.core.errors import RecipeError
-from quantmill.core.fp8 import quantize_weight_fp8
+from quantmill.core.grid import weight_grid
 from quantmill.core.qparams import QuantizedWeight, quantize_weight_rtn
 from quantmill.methods.base import MethodContext, MethodResult, layer_granularity, target_linears, weight_error_report
 from quantmill.methods.options import ClipOptions, options_of
@@ -30,18 +30,17 @@ def rtn(ctx: MethodContext) -> MethodResult:
     plan = layer_granularity(ctx.recipe, linears)
     w = ctx.recipe.weights
     input_qparams, act_rows = static_input_qparams(ctx.recipe, ctx.stats, list(linears))
+    grid = weight_grid(w.type, w.bits, w.symmetric)
     clip = options_of(ctx.recipe, RtnOptions).search()
     weights, report = {}, []
     for name, linear in linears.items():
         granularity, group_size = plan[name]
-        if w.type == "float":
-            qw = quantize_weight_fp8(linear.weight.data, granularity)
-        else:
-            # The clip search weighs input j's error by its mean square over the calibration
-            # inputs (the Hessian's diagonal, up to a constant), unweighted without stats.
-            stats = ctx.stats.get(name) if clip is not None else None
-            importance = stats.mean_sq.to(linear.weight.device) if stats is not None else None
-            qw = quantize_weight_rtn(linear.weight.data, w.bits, w.symmetric, granularity, group_size, clip, importance)
+        # The clip search (integer weights only, checked at load) weighs input j's error by its
+        # mean square over the calibration inputs (the Hessian's diagonal, up to a constant),
+        # unweighted without stats.
+        stats = ctx.stats.get(name) if clip is not None else None
+        importance = stats.mean_sq.to(linear.weight.device) if stats is not None else None
+        qw = quantize_weight_rtn(linear.weight.data, grid, granularity, group_size, clip, importance)
         weights[name] = qw
         report.append(weight_error_report(name, linear.weight.data, qw, ctx.stats.get(name), granularity=granularity, **act_rows.get(name, {})))
     return MethodResult(weights, report, input_qparams=input_qparams)
@@ -49,10 +48,11 @@ def rtn(ctx: MethodContext) -> MethodResult:
 
 def rtn_quantizer(plan: dict[str, tuple[str, int | None]], recipe: Recipe):
     w = recipe.weights
+    grid = weight_grid(w.type, w.bits, w.symmetric)
 
     def quantize_one(full: str, W: torch.Tensor, H: torch.Tensor) -> tuple[QuantizedWeight, dict[str, Any]]:
         granularity, group_size = plan[full]
-        return quantize_weight_rtn(W, w.bits, w.symmetric, granularity, group_size), {}
+        return quantize_weight_rtn(W, grid, granularity, group_size), {}
 
     return quantize_one
 

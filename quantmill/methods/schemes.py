@@ -1,12 +1,12 @@
-"""The W8A8 / FP8 parts of a recipe: static input scales from the stats (fp8 weight rounding is
-core/fp8.py).
+"""The W8A8 / FP8 parts of a recipe: static input scales from the stats (the grids are
+core/grid.py).
 
 Dynamic inputs need nothing at quantize time: QuantLinear (and vLLM) compute one scale per token
 at run time. Static inputs need one scale (and, when asymmetric, a zero point) per Linear: the
 recipe's observer turns the module's ActivationStats, recorded once by the stats stage, into a
 clip range (lo, hi), and the range becomes qparams exactly as in `QuantLinear.from_linear`
-(int8: `compute_qparams`; fp8: max(|lo|, |hi|) / 448). Switching observers never re-runs
-calibration.
+(the input grid's `qparams`: int8 absmax / 127 or min-max, fp8 max(|lo|, |hi|) / 448).
+Switching observers never re-runs calibration.
 """
 
 from __future__ import annotations
@@ -16,18 +16,16 @@ from typing import Any
 import torch
 
 from quantmill.core.errors import StatsError
-from quantmill.core.fp8 import FP8_MAX, nonzero_scale, quantize_fp8
-from quantmill.core.qparams import compute_qparams, int_range
+from quantmill.core.grid import E4M3, IntGrid, int_range
 from quantmill.methods.recipe import ActivationScheme, Recipe
 from quantmill.solvers.observers import ActivationStats, get_observer
 
 
 def range_to_qparams(act: ActivationScheme, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Scalar (scale, zero point) of a static input range, as QuantLinear.from_linear computes them."""
-    if act.type == "float":
-        scale = nonzero_scale(torch.tensor(max(abs(lo), abs(hi)) / FP8_MAX))
-        return scale, torch.zeros((), dtype=torch.int32)
-    return compute_qparams(torch.tensor(float(lo)), torch.tensor(float(hi)), act.bits, act.symmetric)
+    if act.type == "float":  # the range in float64, as the observers give it (see E4M3Grid.qparams)
+        return E4M3.qparams(torch.tensor(float(lo), dtype=torch.float64), torch.tensor(float(hi), dtype=torch.float64))
+    return IntGrid(act.bits, act.symmetric).qparams(torch.tensor(float(lo)), torch.tensor(float(hi)))
 
 
 def _clipped_fraction(stats: ActivationStats, lo: float, hi: float) -> float | None:
@@ -53,7 +51,7 @@ def input_rel_rmse(stats: ActivationStats, act: ActivationScheme, lo: float, hi:
     x = -stats.hist_range + (torch.arange(hist.numel(), dtype=torch.float64)[:, None] + offsets[None, :]) * width
     scale, zero_point = range_to_qparams(act, lo, hi)
     if act.type == "float":
-        xq = quantize_fp8(x.float(), scale).double() * float(scale)
+        xq = E4M3.round(x.float(), scale, zero_point).double() * float(scale)
     else:
         qmin, qmax = int_range(act.bits)
         zp = float(zero_point)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from quantmill.core.errors import RecipeError
+from quantmill.core.grid import IntGrid
 from quantmill.core.qparams import compute_qparams, quantize, quantize_weight_rtn
 from quantmill.nn.quant_linear import int8_matmul
 
@@ -75,7 +76,7 @@ class LLMInt8Linear(nn.Module):
     ) -> LLMInt8Linear:
         """Quantize a float Linear: W -> int8 per output row with scale absmax / 127."""
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, threshold, backend, zero_point)
-        qw = quantize_weight_rtn(linear.weight.detach(), 8, True, "channel")
+        qw = quantize_weight_rtn(linear.weight.detach(), IntGrid.for_weights(8, True), "channel")
         m.weight.copy_(qw.q.to(torch.int8))
         m.weight_scale.copy_(qw.scale.float())
         if linear.bias is not None:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantmill.core.errors import RecipeError
-from quantmill.core.fp8 import FP8_DTYPE, FP8_MAX, quantize_fp8
-from quantmill.core.qparams import compute_qparams, int_range, quantize, quantize_weight_rtn
+from quantmill.core.grid import E4M3, FP8_DTYPE, Grid, IntGrid, int_range, weight_grid
+from quantmill.core.qparams import QuantizedWeight, quantize_weight_rtn
 
 _WEIGHT_TYPES = ("int", "fp8")
 _GRANULARITIES = ("tensor", "channel", "group")
@@ -75,6 +75,14 @@ class QuantScheme:
             raise RecipeError(f"activation bits must be 8 for {self.act_type} activations, got {self.act_bits!r}")
         if self.act_type == "fp8" and not self.act_symmetric:
             raise RecipeError("fp8 activations are symmetric; act_symmetric must be true")
+
+    def weight_grid(self) -> Grid:
+        """The weights' grid: integers (full range below 8 bits, as RTN) or e4m3."""
+        return weight_grid(self.weight_type, self.weight_bits, self.weight_symmetric)
+
+    def input_grid(self) -> Grid:
+        """The inputs' grid: integers with scale absmax / qmax (vLLM's int8 kernels) or e4m3."""
+        return E4M3 if self.act_type == "fp8" else IntGrid(self.act_bits, self.act_symmetric)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -160,11 +168,6 @@ def fp8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out[:m, :n]
 
 
-def _safe_scale(absmax: torch.Tensor, qmax: float) -> torch.Tensor:
-    scale = absmax.float() / qmax
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
-
-
 # --------------------------------------------------------------------------- the module
 
 
@@ -209,31 +212,17 @@ class QuantLinear(nn.Module):
         w = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, scheme, bias=linear.bias is not None)
         module.to(w.device)
-        if scheme.weight_type == "fp8":
-            if scheme.granularity == "tensor":
-                absmax = w.abs().amax().reshape(1, 1).expand(w.shape[0], 1)
-            else:
-                absmax = w.abs().amax(dim=1, keepdim=True)
-            scale = _safe_scale(absmax, FP8_MAX).contiguous()
-            module.weight_q.copy_(quantize_fp8(w, scale))
-            module.weight_scale.copy_(scale)
-        else:
-            qw = quantize_weight_rtn(
-                w, scheme.weight_bits, scheme.weight_symmetric, scheme.granularity, scheme.group_size
-            )
-            module.weight_q.copy_(qw.q.to(torch.int8))
-            module.weight_scale.copy_(qw.scale)
-            module.weight_zero_point.copy_(qw.zero_point)
+        qw = quantize_weight_rtn(w, scheme.weight_grid(), scheme.granularity, scheme.group_size)
+        module.weight_q.copy_(qw.q)
+        module.weight_scale.copy_(qw.scale)
+        module.weight_zero_point.copy_(qw.zero_point)
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach().float())
         if scheme.act == "static":
             if act_range is None:
                 raise RecipeError("static activation quantization needs a calibrated act_range (lo, hi)")
             lo, hi = (torch.tensor(float(v), device=w.device) for v in act_range)
-            if scheme.act_type == "fp8":
-                scale, zp = _safe_scale(torch.maximum(lo.abs(), hi.abs()), FP8_MAX), torch.zeros((), dtype=torch.int32)
-            else:
-                scale, zp = compute_qparams(lo, hi, scheme.act_bits, scheme.act_symmetric)
+            scale, zp = scheme.input_grid().qparams(lo, hi)
             module.input_scale.copy_(scale)
             module.input_zero_point.copy_(zp)
         module.path = path if path is not None else ("int" if module.int_path_supported() else "fake")
@@ -264,34 +253,28 @@ class QuantLinear(nn.Module):
 
     # ----------------------------------------------------------------- the numbers
 
+    def quantized_weight(self) -> QuantizedWeight:
+        """The stored weight as a QuantizedWeight (the buffers themselves, not copies)."""
+        s = self.scheme
+        group_size = s.group_size if s.granularity == "group" else None
+        return QuantizedWeight(self.weight_q, self.weight_scale, self.weight_zero_point, s.weight_bits, group_size)
+
     def dequantized_weight(self) -> torch.Tensor:
-        """float32 [out, in]: what the integer weights stand for."""
-        if self.scheme.weight_type == "fp8":
-            return self.weight_q.float() * self.weight_scale
-        scale, zp = self.weight_scale, self.weight_zero_point.float()
-        if self.scheme.granularity == "group":
-            g = self.scheme.group_size
-            q = self.weight_q.float().reshape(self.out_features, -1, g)
-            return ((q - zp[..., None]) * scale[..., None]).reshape(self.out_features, self.in_features)
-        return (self.weight_q.float() - zp) * scale
+        """float32 [out, in]: what the integer or e4m3 weights stand for."""
+        return self.quantized_weight().dequantize()
 
     def input_qparams(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of a [tokens, in] input: per token ([tokens, 1]) or static (scalars)."""
-        s = self.scheme
-        if s.act == "static":
+        if self.scheme.act == "static":
             return self.input_scale, self.input_zero_point
-        if s.act_type == "fp8":
-            return _safe_scale(x2.abs().amax(dim=1, keepdim=True), FP8_MAX), torch.zeros(
-                x2.shape[0], 1, dtype=torch.int32, device=x2.device
-            )
-        return compute_qparams(x2.amin(dim=1, keepdim=True), x2.amax(dim=1, keepdim=True), s.act_bits, s.act_symmetric)
+        return self.scheme.input_grid().qparams(x2.amin(dim=1, keepdim=True), x2.amax(dim=1, keepdim=True))
 
     def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_q, scale, zero_point) of a [tokens, in] float input; x_q is int8 or float8_e4m3fn."""
         scale, zp = self.input_qparams(x2)
-        if self.scheme.act_type == "fp8":
-            return quantize_fp8(x2, scale), scale, zp
-        return quantize(x2.float(), scale, zp, self.scheme.act_bits).to(torch.int8), scale, zp
+        grid = self.scheme.input_grid()
+        q = grid.round(x2.float(), scale, zp)
+        return q.to(torch.int8) if self.scheme.act_type == "int" else q, scale, zp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -304,7 +287,8 @@ class QuantLinear(nn.Module):
         ~30x more than the rounding itself."""
         scale, zp = self.input_qparams(x2)
         if self.scheme.act_type == "fp8":
-            return quantize_fp8(x2, scale).float() * scale
+            return E4M3.fake_quantize(x2, scale, zp)
+        # The integer grid's round + dequantize, in place: the same float32 operations in order.
         qmin, qmax = int_range(self.scheme.act_bits)
         q = torch.round(x2 / scale)
         if not self.scheme.act_symmetric:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from quantmill.core.errors import RecipeError
+from quantmill.core.grid import IntGrid
 from quantmill.core.qparams import quantize_weight_rtn
 from quantmill.solvers.smoothquant import (
     block_output,
@@ -51,7 +52,7 @@ def _check_scheme(linears: Sequence[nn.Linear], bits: int, group_size: int, name
 
 def _rtn(W: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
     """Group-wise round-to-nearest, de-quantized (what the quantized model multiplies by)."""
-    return quantize_weight_rtn(W, bits, symmetric, "group", group_size).dequantize()
+    return quantize_weight_rtn(W, IntGrid.for_weights(bits, symmetric), "group", group_size).dequantize()
 
 
 def normalised_scales(act_mean_abs: torch.Tensor, ratio: float) -> torch.Tensor:

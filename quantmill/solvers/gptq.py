@@ -5,10 +5,11 @@ Pure functions of a weight W [out, in] and a Hessian H [in, in] of the layer-wis
 ||W X - Q X||^2: no hooks, no model, no I/O. Callers accumulate H with `HessianAccumulator`
 (one per Linear, fed the Linear's inputs) and call `gptq_quantize` once per layer.
 
-The integer grid is the one in `quantmill.core.qparams` (signed ints, x ~ (q - zero_point) * scale), so
-the result saves into compressed-tensors exactly like an RTN weight; with act-order and dynamic
-groups it adds `g_idx` (compressed-tensors' `weight_g_idx`). The solver never looks inside the
-rounding, so `weight_type="fp8"` runs the same algorithm on the e4m3 grid (per-channel scale
+The solver holds a grid (`quantmill.core.grid`: `options.grid`) and never looks inside it: it
+asks for scales (`qparams`), rounds a column (`round`) and reads back its value (`dequantize`).
+The integer grid is compressed-tensors' (x ~ (q - zero_point) * scale), so the result saves
+exactly like an RTN weight; with act-order and dynamic groups it adds `g_idx` (compressed-tensors'
+`weight_g_idx`). `weight_type="fp8"` runs the same algorithm on the e4m3 grid (per-channel scale
 absmax / 448, as RTN's fp8): e4m3's 3 mantissa bits make its rounding error proportional to the
 weight, which for Gaussian-like rows is larger than int8's, and the error feedback takes much of
 it back.
@@ -21,18 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from quantmill.core.fp8 import quantize_fp8, quantize_weight_fp8
-from quantmill.core.qparams import (
-    ClipSearch,
-    QuantizedWeight,
-    compute_qparams,
-    dequantize,
-    quantize,
-    quantize_weight_rtn,
-    search_clip_qparams,
-    weight_full_range,
-    weight_qparams,
-)
+from quantmill.core.grid import Grid, weight_grid
+from quantmill.core.qparams import ClipSearch, QuantizedWeight, group_qparams, quantize_weight_rtn, weight_groups
 
 
 class HessianAccumulator:
@@ -122,6 +113,11 @@ class GPTQOptions:
         if self.clip is not None and self.weight_type == "fp8":
             raise ValueError("GPTQ clip search is for integer weights")
 
+    @property
+    def grid(self) -> Grid:
+        """The grid the solver rounds onto: integers (full range below 8 bits) or e4m3."""
+        return weight_grid(self.weight_type, self.bits, self.symmetric)
+
 
 @dataclass
 class GPTQResult:
@@ -182,7 +178,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
     gs = options.group_size
     if gs is not None and columns % gs != 0:
         raise ValueError(f"group size {gs} does not divide the {columns} input columns")
-    bits, symmetric = options.bits, options.symmetric
+    grid, clip = options.grid, options.clip
 
     W = W.detach().to(torch.float32).clone()
     H = H.detach().to(device=W.device, dtype=torch.float32).clone()
@@ -193,15 +189,6 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
     dead_columns = int(dead.sum().item())
     H[dead, dead] = 1
     W[:, dead] = 0
-
-    # Scales known before the solve: per channel, or static groups (from the original weights,
-    # in the original column order, so the saved layout stays plain).
-    dynamic_groups = gs is not None and not options.static_groups
-    fp8 = options.weight_type == "fp8"
-    clip = options.clip
-    if fp8:
-        rtn_fp8 = quantize_weight_fp8(W, "channel")  # its scales (absmax / 448), and the fallback
-
     W_orig = W  # dead-zeroed, unpermuted: what RTN sees if we fall back
 
     # Act-order: quantize the columns with the largest H[i,i] (most input energy) first, while
@@ -215,12 +202,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
 
     Hinv, damp = _cholesky_inverse_upper(H, options.percdamp, options.max_damp_tries)
     if Hinv is None:
-        granularity = "channel" if gs is None else "group"
-        if fp8:
-            weight = rtn_fp8  # W_orig is W before act-order: the same RTN
-        else:
+        importance = None
+        if clip is not None:
             importance = torch.diag(H)[invperm] if invperm is not None else torch.diag(H)
-            weight = quantize_weight_rtn(W_orig, bits, symmetric, granularity, gs, clip, importance if clip else None)
+        weight = quantize_weight_rtn(W_orig, grid, "channel" if gs is None else "group", gs, clip, importance)
         return GPTQResult(weight, loss=math.nan, damp=math.nan, fallback_rtn=True, dead_columns=dead_columns)
 
     # The clip search weighs input j's error by 1 / [H^-1]_jj, Hinv's diagonal being d_j^2 in solve
@@ -230,18 +215,20 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
         importance = 1.0 / torch.diag(Hinv).square()
         importance_orig = importance[invperm] if invperm is not None else importance
 
-    # Scales known before the solve: per channel, or static groups (from the original weights,
-    # in the original column order, so the saved layout stays plain).
-    if fp8:
-        scale, zero = rtn_fp8.scale, rtn_fp8.zero_point
-    elif gs is None:
-        scale, zero = weight_qparams(W_orig, bits, symmetric, "channel", None, clip, importance_orig)
-    elif options.static_groups:
-        scale, zero = weight_qparams(W_orig, bits, symmetric, "group", gs, clip, importance_orig)
-    else:
+    # group_of[col]: the scale column of the weight column solved at position col. Scales known
+    # before the solve: per channel (one), or static groups (from the original weights, in the
+    # original column order, so the saved layout stays plain). Dynamic groups: each group's scale
+    # from its columns' error-updated values when the solver reaches it.
+    dynamic_groups = gs is not None and not options.static_groups
+    if dynamic_groups:
         scale = torch.ones(rows, columns // gs, dtype=torch.float32, device=W.device)
         zero = torch.zeros(rows, columns // gs, dtype=torch.int32, device=W.device)
-    full = weight_full_range(bits)
+        group_of = [col // gs for col in range(columns)]
+    else:
+        imp = None if importance_orig is None else importance_orig.reshape(-1, gs or columns)
+        scale, zero = group_qparams(weight_groups(W_orig, gs), grid, clip, imp)
+        order = perm.cpu() if perm is not None else torch.arange(columns)
+        group_of = [0] * columns if gs is None else (order // gs).tolist()
 
     # With dynamic groups a group's scale is computed from its columns' current values; making
     # blocks whole groups keeps a group inside W1, where those values are up to date.
@@ -249,15 +236,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
     if dynamic_groups:
         blocksize = max(1, blocksize // gs) * gs
 
-    # Static groups: the group of the column solved at each position (fixed before the solve).
-    static_group_of = None
-    if gs is not None and not dynamic_groups:
-        order = perm.cpu() if perm is not None else torch.arange(columns)
-        static_group_of = (order // gs).tolist()
-
-    # The grid values: integers (int32) or, for fp8, the e4m3 values held exactly in float32.
-    qdtype = torch.float32 if fp8 else torch.int32
-    Qint = torch.zeros(rows, columns, dtype=qdtype, device=W.device)
+    # The grid values, held exactly in float32 (small integers, or e4m3 values).
+    Q = torch.zeros(rows, columns, dtype=torch.float32, device=W.device)
     Losses = torch.zeros_like(W)
 
     for i1 in range(0, columns, blocksize):
@@ -265,59 +245,43 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, options: GPTQOptions) -> GPT
         count = i2 - i1
 
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros(rows, count, dtype=qdtype, device=W.device)
+        Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Losses1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
 
         for i in range(count):
             col = i1 + i
+            if dynamic_groups and col % gs == 0:
+                g = col // gs
+                imp = None if importance is None else importance[col : col + gs].unsqueeze(0)
+                s_g, z_g = group_qparams(W1[:, i : i + gs].unsqueeze(1), grid, clip, imp)
+                scale[:, g], zero[:, g] = s_g[:, 0], z_g[:, 0]
+            s, z = scale[:, group_of[col]], zero[:, group_of[col]]
             w = W1[:, i]
             d = Hinv1[i, i]
 
-            if gs is None:
-                s, z = scale[:, 0], zero[:, 0]
-            elif dynamic_groups:
-                g = col // gs
-                if col % gs == 0:
-                    group = W1[:, i : i + gs]
-                    if clip is not None:
-                        s_g, z_g = search_clip_qparams(group.unsqueeze(1), bits, symmetric, clip, importance[col : col + gs].unsqueeze(0), full)
-                        scale[:, g], zero[:, g] = s_g[:, 0], z_g[:, 0]
-                    else:
-                        scale[:, g], zero[:, g] = compute_qparams(group.amin(dim=1), group.amax(dim=1), bits, symmetric, full)
-                s, z = scale[:, g], zero[:, g]
-            else:
-                g = static_group_of[col]
-                s, z = scale[:, g], zero[:, g]
-
-            if fp8:
-                Q1[:, i] = quantize_fp8(w, s).float()
-                q = Q1[:, i] * s
-            else:
-                Q1[:, i] = quantize(w, s, z, bits)
-                q = dequantize(Q1[:, i], s, z)
+            Q1[:, i] = grid.round(w, s, z)
+            q = grid.dequantize(Q1[:, i], s, z)
             Losses1[:, i] = (w - q) ** 2 / d**2
 
             err1 = (w - q) / d
             W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
             Err1[:, i] = err1
 
-        Qint[:, i1:i2] = Q1
+        Q[:, i1:i2] = Q1
         Losses[:, i1:i2] = Losses1 / 2
         # Lazy batch update: the columns after this block get the block's errors in one matmul.
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
 
     g_idx = None
     if invperm is not None:
-        Qint = Qint[:, invperm]
+        Q = Q[:, invperm]
         if dynamic_groups:
             # Column j was solved at position invperm[j]; groups are runs of gs positions.
             g_idx = (invperm // gs).to(torch.int32)
 
-    if fp8:
-        Qint = Qint.to(torch.float8_e4m3fn)
-    weight = QuantizedWeight(Qint, scale, zero, bits, gs, g_idx)
+    weight = QuantizedWeight(Q.to(grid.dtype), scale, zero, grid.bits, gs, g_idx)
     return GPTQResult(
         weight, loss=float(Losses.sum().item()), damp=float(damp), fallback_rtn=False, dead_columns=dead_columns
     )

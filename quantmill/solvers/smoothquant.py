@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantmill.core.errors import RecipeError, StatsError
+from quantmill.core.grid import IntGrid
 from quantmill.core.qparams import compute_qparams, fake_quantize, quantize_weight_rtn
 from quantmill.solvers.folds import BlockNames, Fold
 
@@ -331,7 +332,7 @@ class FakeW8A8Linear(nn.Module):
         super().__init__()
         if act_granularity not in ("tensor", "token"):
             raise RecipeError(f"activation granularity must be 'tensor' or 'token', got {act_granularity!r}")
-        Wq = quantize_weight_rtn(linear.weight.detach(), 8, True, "channel").dequantize()
+        Wq = quantize_weight_rtn(linear.weight.detach(), IntGrid.for_weights(8, True), "channel").dequantize()
         self.register_buffer("weight", Wq.to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.act_granularity = act_granularity
