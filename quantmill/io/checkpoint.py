@@ -19,8 +19,6 @@ quantmill.json.
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from safetensors import safe_open
 
 from quantmill.core.errors import RecipeError
 from quantmill.core.qparams import QuantizedWeight
-from quantmill.io.layout import LINEAGE_FILE, RECIPE_FILE, TOKENIZER_FILES, read_tensors
+from quantmill.io.layout import CheckpointInput, read_tensors, write_beside_weights
 from quantmill.io.llm_int8_checkpoint import FORMAT as LLM_INT8_FORMAT
 from quantmill.io.llm_int8_checkpoint import is_llm_int8, load_llm_int8, save_llm_int8
 from quantmill.methods.base import COMPRESSED_TENSORS, is_ignored
@@ -106,26 +104,18 @@ def save_quantized(
     release_weights: bool = False,
 ) -> None:
     """Write `model` with `weights` in the checkpoint format the recipe's method names in the
-    registry (WRITERS: one writer per format); see `save_compressed_tensors` for the arguments."""
+    registry (WRITERS: one writer per format); the arguments are `CheckpointInput`'s."""
     fmt = REGISTRY[recipe.method].checkpoint_format
     if fmt not in WRITERS:
         raise RecipeError(f"recipe {recipe.name}: method {recipe.method} writes {fmt!r}, which no checkpoint writer handles")
-    WRITERS[fmt](model, weights, recipe, dst, lineage, tokenizer_dir, input_qparams, release_weights)
+    ckpt = CheckpointInput(model, weights, recipe, lineage, tokenizer_dir, input_qparams or {}, release_weights)
+    WRITERS[fmt](ckpt, dst)
 
 
-def save_compressed_tensors(
-    model: nn.Module,
-    weights: dict[str, QuantizedWeight],
-    recipe: Recipe,
-    dst: Path,
-    lineage: dict[str, Any],
-    tokenizer_dir: Path | None = None,
-    input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    release_weights: bool = False,
-) -> None:
-    """Write `model` with `weights` (module name -> integer or fp8 weight) in the compressed-tensors
-    layout; static activation recipes also need `input_qparams` (module name -> input scale and
-    zero point), saved as `input_scale` (+ `input_zero_point` when asymmetric).
+def save_compressed_tensors(ckpt: CheckpointInput, dst: Path) -> None:
+    """Write the model with its weights (integer or fp8) in the compressed-tensors layout; static
+    activation recipes also need `input_qparams`, saved as `input_scale` (+ `input_zero_point`
+    when asymmetric).
 
     The model is modified in place (its Linear weights become the de-quantized values). With
     `release_weights` the `weights` dict is emptied once its numbers are in the model, so the
@@ -136,7 +126,7 @@ def save_compressed_tensors(
     from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
 
     _quiet_compressed_tensors()
-    input_qparams = input_qparams or {}
+    model, weights, recipe, input_qparams = ckpt.model, ckpt.weights, ckpt.recipe, ckpt.input_qparams
     _check_method_output(recipe, weights, input_qparams)
     fmt = checkpoint_format(recipe)
     modules = dict(model.named_modules())
@@ -160,7 +150,7 @@ def save_compressed_tensors(
     stray = [n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None and n not in weights]
     if stray:
         raise ValueError(f"modules matched by the config but not quantized: {stray[:5]}")
-    if release_weights:
+    if ckpt.release_weights:
         weights.clear()
         release_host_memory()
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
@@ -168,27 +158,7 @@ def save_compressed_tensors(
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst)
     compressor.update_config(dst)
-    if tokenizer_dir is not None:
-        for fname in TOKENIZER_FILES:
-            if (tokenizer_dir / fname).is_file():
-                shutil.copy2(tokenizer_dir / fname, dst / fname)
-    (dst / RECIPE_FILE).write_text(recipe.to_yaml())
-    (dst / LINEAGE_FILE).write_text(json.dumps({**lineage, "format": fmt}, indent=2, sort_keys=True, default=str))
-
-
-def _save_llm_int8(
-    model: nn.Module,
-    weights: dict[str, QuantizedWeight],
-    recipe: Recipe,
-    dst: Path,
-    lineage: dict[str, Any],
-    tokenizer_dir: Path | None = None,
-    input_qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    release_weights: bool = False,
-) -> None:
-    """LLM.int8(): quantizes its inputs itself at run time, so input_qparams never apply; the
-    model is not modified, so there is nothing to release early."""
-    save_llm_int8(model, weights, recipe, dst, lineage, tokenizer_dir)
+    write_beside_weights(dst, ckpt, {**ckpt.lineage, "format": fmt})
 
 
 def _check_method_output(recipe: Recipe, weights: dict[str, QuantizedWeight], input_qparams: dict[str, Any]) -> None:
@@ -397,7 +367,7 @@ _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32
 
 
 # checkpoint format (a registry entry's `checkpoint_format`) -> the function that writes it.
-WRITERS: dict[str, Callable[..., None]] = {
+WRITERS: dict[str, Callable[[CheckpointInput, Path], None]] = {
     COMPRESSED_TENSORS: save_compressed_tensors,
-    LLM_INT8_FORMAT: _save_llm_int8,
+    LLM_INT8_FORMAT: save_llm_int8,
 }

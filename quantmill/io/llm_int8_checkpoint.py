@@ -22,19 +22,15 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
 from quantmill.core.errors import RecipeError
-from quantmill.core.qparams import QuantizedWeight
-from quantmill.io.layout import LINEAGE_FILE, RECIPE_FILE, TOKENIZER_FILES, read_tensors
+from quantmill.io.layout import CheckpointInput, read_tensors, write_beside_weights
 from quantmill.methods.llm_int8 import CHECKPOINT_FORMAT, llm_int8_threshold, llm_int8_zero_point
-from quantmill.methods.recipe import Recipe
 from quantmill.nn.llm_int8 import LLMInt8Linear, inputs_label, validate_threshold
 
 FORMAT = CHECKPOINT_FORMAT
@@ -48,16 +44,11 @@ def _tied_lm_head(model: nn.Module) -> bool:
     return head is not None and emb is not None and head.weight.data_ptr() == emb.weight.data_ptr()
 
 
-def save_llm_int8(
-    model: nn.Module,
-    weights: dict[str, QuantizedWeight],
-    recipe: Recipe,
-    dst: Path,
-    lineage: dict[str, Any],
-    tokenizer_dir: Path | None = None,
-) -> None:
-    """Write `model` with `weights` (module name -> int8 per-row weight) as a quantmill-llm-int8
-    checkpoint. The model itself is not modified."""
+def save_llm_int8(ckpt: CheckpointInput, dst: Path) -> None:
+    """Write the model with its weights (module name -> int8 per-row weight) as a
+    quantmill-llm-int8 checkpoint. LLM.int8() quantizes its inputs itself at run time, so
+    `input_qparams` never apply; the model is not modified, so there is nothing to release early."""
+    model, weights, recipe = ckpt.model, ckpt.weights, ckpt.recipe
     threshold = llm_int8_threshold(recipe)
     zero_point = llm_int8_zero_point(recipe)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -83,12 +74,7 @@ def save_llm_int8(
         "ignore": list(recipe.ignore),
     }
     config.save_pretrained(dst)
-    if tokenizer_dir is not None:
-        for fname in TOKENIZER_FILES:
-            if (tokenizer_dir / fname).is_file():
-                shutil.copy2(tokenizer_dir / fname, dst / fname)
-    (dst / RECIPE_FILE).write_text(recipe.to_yaml())
-    (dst / LINEAGE_FILE).write_text(json.dumps({**lineage, "format": FORMAT, "llm_int8_threshold": threshold, "llm_int8_inputs": inputs_label(zero_point)}, indent=2, sort_keys=True, default=str))
+    write_beside_weights(dst, ckpt, {**ckpt.lineage, "format": FORMAT, "llm_int8_threshold": threshold, "llm_int8_inputs": inputs_label(zero_point)})
 
 
 def is_llm_int8(folder: str | Path) -> bool:
