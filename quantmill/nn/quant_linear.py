@@ -273,8 +273,7 @@ class QuantLinear(nn.Module):
         """(x_q, scale, zero_point) of a [tokens, in] float input; x_q is int8 or float8_e4m3fn."""
         scale, zp = self.input_qparams(x2)
         grid = self.scheme.input_grid()
-        q = grid.round(x2.float(), scale, zp)
-        return q.to(torch.int8) if self.scheme.act_type == "int" else q, scale, zp
+        return grid.round(x2.float(), scale, zp).to(grid.dtype), scale, zp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)

@@ -78,7 +78,8 @@ class GPTQOptions:
     scale once from the original weight (so act-order keeps the plain contiguous layout and
     needs no g_idx); otherwise each group's scale comes from the error-updated weights when
     the solver reaches it. max_damp_tries: how many dampenings to try (each 10x the last)
-    before falling back to RTN. weight_type "fp8": the e4m3 grid, symmetric, per channel.
+    before falling back to RTN. bits, symmetric and weight_type name the grid the solver holds
+    (`grid`): integers (full range below 8 bits), or for "fp8" e4m3, symmetric, per channel.
     clip: search each channel's / group's clipping ratio (`quantmill.core.qparams.ClipSearch`), the error
     of input j weighted by 1 / [H^-1]_jj (the GPTQ loss of a lone column; diag(H) when the
     solver falls back to RTN); None: plain min-max ranges.
