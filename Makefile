@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-DEMO_RECIPES ?= w8a16-rtn w4a16-rtn w4a16-rtn-g64 w4a16-rtn-g64-asym
+DEMO_RECIPES ?= w8a16-rtn w4a16-rtn w4a16-rtn-g64 w4a16-rtn-g64-asym w4a16-rtn-lsq-g64
 
 .PHONY: setup demo test test-fast bench-peers bench-llmc bench-compare-stores clean-venv chromium
 

@@ -19,6 +19,7 @@ from quantmill.methods.llm_int8 import LlmInt8Options, check_llm_int8, llm_int8
 from quantmill.methods.options import MethodOptions, options_of
 from quantmill.methods.recipe import Recipe
 from quantmill.methods.rtn import RtnOptions, check_rtn, rtn
+from quantmill.methods.rtn_lsq import RtnLsqOptions, check_rtn_lsq, rtn_lsq
 from quantmill.methods.smoothquant import SmoothQuantOptions, check_smoothquant, smoothquant
 
 
@@ -45,6 +46,7 @@ REGISTRY: dict[str, Method] = {
     "llm_int8": Method(llm_int8, 1, check_llm_int8, LLM_INT8_FORMAT, LlmInt8Options),
     "awq": Method(awq, 2, check_awq, COMPRESSED_TENSORS, AwqOptions),
     "smoothquant": Method(smoothquant, 2, check_smoothquant, COMPRESSED_TENSORS, SmoothQuantOptions),
+    "rtn_lsq": Method(rtn_lsq, 1, check_rtn_lsq, COMPRESSED_TENSORS, RtnLsqOptions),
 }
 
 
