@@ -11,6 +11,7 @@ The walk is the per-block driver's (quantmill/methods/driver.py) and the per-blo
 quantmill/methods/block_quant.py; this module holds what is GPTQ's: its options, the solver as a
 per-Linear quantizer (which AWQ and SmoothQuant use with `quantizer: gptq`) and the method.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from quantmill.methods.driver import BlockMethod, run_blocks
 from quantmill.methods.options import ClipOptions, MethodOptions, options_of, parse_options
 from quantmill.methods.recipe import Recipe
 from quantmill.solvers.gptq import GPTQOptions, gptq_quantize
+
 
 class GptqMethodOptions(ClipOptions):
     """The gptq method's options (the solver's per-Linear GPTQOptions are built from these and
