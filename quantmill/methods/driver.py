@@ -89,7 +89,7 @@ def run_blocks(ctx: MethodContext, method: BlockMethod) -> BlockRun:
     quantize_one = method.quantizer(plan) if method.quantizer is not None else None
     record = block_stats_visitor(DEFAULT_NBINS) if method.record_stats else None
 
-    def visit(index: int, block: nn.Module, inputs: BlockInputs, forward):
+    def visit(index: int, block: nn.Module, inputs: BlockInputs, forward: Callable[[], list[torch.Tensor]]):
         prepared = method.prepare(index, block, inputs) if method.prepare is not None else Prepared()
         tensors: dict[str, torch.Tensor] = {}
         meta = dict(prepared.meta)
