@@ -81,9 +81,12 @@ def test_a_prepare_step_is_kept_for_a_resume_and_its_rows_reach_the_report(tiny,
 def test_without_a_quantizer_the_walk_stays_float_and_rtn_rounds_the_model_after_it(tiny):
     recipe = load_recipe("w8a8-static-minmax")
     stats = collect_stats(load_model(tiny), _ids(), CPU, batch_size=8)
-    run = run_blocks(MethodContext(load_model(tiny), recipe, stats, _ids(), CPU), BlockMethod("float walk", None, record_stats=True))
+    note = lambda index, block, inputs: Prepared(rows={"mlp.down_proj": {"noted_in_block": index}})  # noqa: E731
+    run = run_blocks(MethodContext(load_model(tiny), recipe, stats, _ids(), CPU), BlockMethod("float walk", None, note, record_stats=True))
     plain = rtn(MethodContext(load_model(tiny), recipe, stats, _ids(), CPU))
     assert all("report" not in meta for meta in run.metas)
+    noted = {r["module"]: r["noted_in_block"] for r in run.result.report if "noted_in_block" in r}
+    assert noted == {f"model.layers.{i}.mlp.down_proj": i for i in range(3)}  # on rtn's rows too
     assert run.stats.keys() == stats.keys()
     for name, s in stats.items():  # nothing prepared: the walk records the stats stage's numbers
         assert torch.equal(run.stats[name].absmax, s.absmax), name

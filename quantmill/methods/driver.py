@@ -30,7 +30,8 @@ from quantmill.solvers.observers import DEFAULT_NBINS, ActivationStats
 @dataclass
 class Prepared:
     """What a prepare step says about its block: metadata (JSON, kept in the block's partial
-    result and handed back after the walk) and report fields per Linear (name inside the block)."""
+    result and handed back after the walk) and report fields per Linear (name inside the block,
+    added to its row of the method's report)."""
 
     meta: dict[str, Any] = field(default_factory=dict)
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -92,7 +93,7 @@ def run_blocks(ctx: MethodContext, method: BlockMethod) -> BlockRun:
     def visit(index: int, block: nn.Module, inputs: BlockInputs, forward: Callable[[], list[torch.Tensor]]):
         prepared = method.prepare(index, block, inputs) if method.prepare is not None else Prepared()
         tensors: dict[str, torch.Tensor] = {}
-        meta = dict(prepared.meta)
+        meta = {**prepared.meta, "rows": prepared.rows} if prepared.rows else dict(prepared.meta)
         outputs = None  # the engine runs the block for the next block's inputs
         if record is not None:  # the prepared (float) block's own input statistics
             tensors, stats_meta, outputs = record(index, block, inputs, forward)
@@ -101,11 +102,8 @@ def run_blocks(ctx: MethodContext, method: BlockMethod) -> BlockRun:
             tensors.update(block_params(block))  # the folded float weights and norms, for a resume
         if quantize_one is not None:
             names = block_linear_names(block, index, prefix, plan)
-            weights, rows = quantize_block(index, block, inputs, prefix, names, quantize_one, method.true_sequential)
-            for row in rows:
-                row.update(prepared.rows.get(row["module"][len(f"{prefix}.{index}.") :], {}))
+            weights, meta["report"] = quantize_block(index, block, inputs, prefix, names, quantize_one, method.true_sequential)
             tensors.update({method.weights_key + k: v for k, v in weights.items()})
-            meta["report"] = rows
             outputs = None  # the next block's inputs come from the quantized block
         return tensors, meta, outputs
 
@@ -133,4 +131,7 @@ def run_blocks(ctx: MethodContext, method: BlockMethod) -> BlockRun:
             row.update(act_rows.get(row["module"], {}))
         fallbacks = [r["module"] for r in report if r.get("fallback_rtn")]
         result = MethodResult(weights, report, {"gptq_rtn_fallbacks": fallbacks} if fallbacks else {}, input_qparams=input_qparams)
+    for row in result.report:  # the prepare steps' fields, after the quantizer's and the scales'
+        index, name = row["module"][len(prefix) + 1 :].split(".", 1)
+        row.update(results[int(index)][1].get("rows", {}).get(name, {}))
     return BlockRun(result, [meta for _, meta in results], stats)
