@@ -16,10 +16,10 @@ from quantmill.solvers.smoothquant import (
     FakeW8A8Linear,
     alpha_errors,
     apply_fake_w8a8,
+    best_alpha,
     fold_names,
     fold_smoothing,
     gqa_column_index,
-    search_alpha,
     search_fold_alphas,
     smooth_decoder_layer,
     smoothing_scales,
@@ -155,10 +155,11 @@ def _search_case():
 def test_search_alpha_beats_no_smoothing_on_a_decoder_layer() -> None:
     layer, x, kw, stats, grid = _search_case()
     errors = alpha_errors(layer, x, kw, stats, apply_fake_w8a8, grid, prefix="model.layers.0", names=LLAMA)
-    alpha = search_alpha(layer, x, kw, stats, apply_fake_w8a8, grid, prefix="model.layers.0", names=LLAMA)
+    alpha = best_alpha(errors)
     print(f"\nblock output MSE per alpha: { {a: f'{e:.3e}' for a, e in errors.items()} }, chosen {alpha}")
-    assert alpha == min(errors, key=errors.get)
     assert errors[alpha] < errors[0.0]
+    with pytest.raises(RecipeError, match="alpha"):  # the grid is checked before any trial
+        alpha_errors(layer, x, kw, stats, apply_fake_w8a8, (0.5, 1.5), prefix="model.layers.0", names=LLAMA)
     assert set(ALPHA_GRID) >= set(grid) and len(ALPHA_GRID) == 21
 
 

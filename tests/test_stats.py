@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from quantmill.io.sources import load_model
 from quantmill.model.sequential import run_sequential
-from quantmill.model.stats import VECTOR_FIELDS, _block_visitor, collect_stats, load_stats, save_stats
+from quantmill.model.stats import VECTOR_FIELDS, block_stats_visitor, collect_stats, load_stats, save_stats
 from quantmill.solvers.observers import ActivationStats, OUTLIER_THRESHOLD
 from tests.tiny import make_tiny_llama
 
@@ -180,7 +180,7 @@ def test_killed_run_resumes_at_the_next_block_with_identical_stats(model, ids, s
 def test_stop_after_then_resume_gives_the_uninterrupted_stats(model, ids, stats, tmp_path) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     partial = tmp_path / "partial"
-    first = run_sequential(model, ids, _block_visitor(4096), device=CPU, batch_size=BATCH, partial_dir=partial, stop_after=1)
+    first = run_sequential(model, ids, block_stats_visitor(4096), device=CPU, batch_size=BATCH, partial_dir=partial, stop_after=1)
     assert len(first) == 2
     assert json.loads((partial / "progress.json").read_text()) == {"done": 1}
     resumed = collect_stats(model, ids, CPU, batch_size=BATCH, partial_dir=partial)
@@ -238,7 +238,7 @@ def test_blocks_between_saves_are_written_with_the_next_save_and_resume_identica
             self.calls += 1
             return self.calls % 2 == 0
 
-    visit = _block_visitor(4096)
+    visit = block_stats_visitor(4096)
 
     def crash_at_2(index, block, inputs, forward):
         if index == 2:

@@ -7,36 +7,18 @@ compressed-tensors one. The search itself is quantmill/solvers/awq.py.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 import torch.nn as nn
-
 from pydantic import Field
 
 from quantmill.core.errors import RecipeError
-from quantmill.methods.base import (
-    BATCH_SIZE,
-    MethodContext,
-    MethodResult,
-    block_params,
-    layer_granularity,
-    restore_params,
-    search_batches,
-    target_linears,
-)
-from quantmill.methods.gptq import (
-    QuantizerOptions,
-    block_linear_names,
-    collect_weights,
-    quantize_block,
-    restore_block_weights,
-)
+from quantmill.methods.base import MethodContext, MethodResult, search_batches
+from quantmill.methods.driver import BlockMethod, Prepared, run_blocks
+from quantmill.methods.gptq import QuantizerOptions
 from quantmill.methods.options import options_of
 from quantmill.methods.recipe import Recipe
 from quantmill.methods.rtn import rtn_quantizer
 from quantmill.model.arch import block_folds, layout_of
-from quantmill.model.sequential import BlockInputs, run_sequential
+from quantmill.model.sequential import BlockInputs
 from quantmill.solvers.awq import apply_awq_to_layer
 
 
@@ -65,45 +47,31 @@ def awq(ctx: MethodContext) -> MethodResult:
     if recipe.activations is not None:
         raise RecipeError(f"recipe {recipe.name}: awq is weight-only: remove `activations`")
     grid, clip, samples = options.grid, options.clip, options.search_samples
-
     arch_names = block_folds(ctx.model, "awq")
-    plan = layer_granularity(recipe, target_linears(ctx.model, recipe))
     prefix = layout_of(ctx.model).layers
     producer_of = arch_names.producer_of()
-    quantize_one = options.weight_quantizer(recipe, plan) or rtn_quantizer(plan, recipe)
-    true_sequential = options.true_sequential
 
-    def visit(index: int, block: nn.Module, inputs: BlockInputs, forward):
+    def prepare(index: int, block: nn.Module, inputs: BlockInputs) -> Prepared:
+        """Search and fold the block's AWQ scales (and clip); report each Linear's search."""
         batches, kwargs = search_batches(inputs, samples)
         found = apply_awq_to_layer(block, arch_names, batches, kwargs, w.bits, w.group_size, w.symmetric, grid, clip, prefix=f"{prefix}.{index}")
-        names = block_linear_names(block, index, prefix, plan)
-        tensors, rows = quantize_block(index, block, inputs, forward, prefix, names, quantize_one, true_sequential)
-        for row in rows:
-            name = row["module"][len(f"{prefix}.{index}.") :]
-            scales = found["scales"].get(producer_of.get(name, ""), {})
+        rows: dict[str, dict[str, float]] = {}
+        for name, producer in producer_of.items():
+            scales = found["scales"].get(producer, {})
             errors = scales.get("errors") or []
             if errors:
-                row["awq_ratio"] = scales["ratio"]
-                row["awq_search_error_ratio"] = min(errors) / errors[0] if errors[0] > 0 else 1.0  # vs plain RTN, on the search tokens
-            if name in found["clip"]:
-                row["awq_mean_clip"] = found["clip"][name]
-        tensors.update(block_params(block))  # norms (and Linear rows) the folds changed, for a resume
-        return tensors, {"report": rows}, None  # the engine re-runs the quantized block
+                rows[name] = {
+                    "awq_ratio": scales["ratio"],
+                    "awq_search_error_ratio": min(errors) / errors[0] if errors[0] > 0 else 1.0,  # vs plain RTN, on the search tokens
+                }
+        for name, mean_clip in found["clip"].items():
+            rows.setdefault(name, {})["awq_mean_clip"] = mean_clip
+        return Prepared(rows=rows)
 
-    def restore(index: int, block: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        restore_params(block, tensors)
-        restore_block_weights(index, block, tensors, meta["report"], prefix, w.bits, plan)
-
-    results = run_sequential(
-        ctx.model, ctx.calibration, visit, device=ctx.device, batch_size=BATCH_SIZE, partial_dir=ctx.partial_dir,
-        restore=restore, desc=f"awq {recipe.name}", on_block_done=ctx.on_block_done,
-    )
-    weights, report = collect_weights(results, prefix, w.bits, plan)
-    notes: dict[str, Any] = {"awq_quantizer": options.quantizer}
-    fallbacks = [r["module"] for r in report if r.get("fallback_rtn")]
-    if fallbacks:
-        notes["gptq_rtn_fallbacks"] = fallbacks
-    return MethodResult(weights, report, notes)
+    # RTN runs inside the walk too, so each block's search sees the quantized earlier blocks.
+    quantizer = lambda plan: options.weight_quantizer(recipe, plan) or rtn_quantizer(plan, recipe)  # noqa: E731
+    run = run_blocks(ctx, BlockMethod("awq", quantizer, prepare, options.true_sequential))
+    return MethodResult(run.result.weights, run.result.report, {"awq_quantizer": options.quantizer, **run.result.notes})
 
 
 def check_awq(recipe: Recipe) -> None:

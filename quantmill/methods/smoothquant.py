@@ -3,7 +3,9 @@
 input statistics; finally the recipe's W8A8 scheme is applied as the `rtn` method does (static
 input scales from the recipe's observer over the smoothed statistics). Smoothing is exact, so the
 block inputs of the walk are those of the float model, and the stats stage's absmax is valid for
-every block. The folds and the alpha search are quantmill/solvers/smoothquant.py.
+every block. With `quantizer: gptq` each smoothed block is quantized inside the walk instead. The
+walk is the per-block driver's (quantmill/methods/driver.py); the folds and the alpha search are
+quantmill/solvers/smoothquant.py.
 """
 
 from __future__ import annotations
@@ -13,35 +15,17 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from quantmill.core.errors import RecipeError, StatsError
-from quantmill.methods.base import (
-    BATCH_SIZE,
-    MethodContext,
-    MethodResult,
-    block_params,
-    layer_granularity,
-    restore_params,
-    search_batches,
-    target_linears,
-)
-from quantmill.methods.gptq import (
-    QuantizerOptions,
-    block_linear_names,
-    collect_weights,
-    quantize_block,
-    restore_block_weights,
-)
+from quantmill.methods.base import MethodContext, MethodResult, search_batches
+from quantmill.methods.driver import BlockMethod, Prepared, run_blocks
+from quantmill.methods.gptq import QuantizerOptions
 from quantmill.methods.options import options_of
 from quantmill.methods.recipe import Recipe
-from quantmill.methods.rtn import rtn
-from quantmill.methods.schemes import static_input_qparams
 from quantmill.model.arch import block_folds, layout_of
-from quantmill.model.sequential import BlockInputs, run_sequential
-from quantmill.model.stats import _block_visitor, stats_from_tensors
+from quantmill.model.sequential import BlockInputs
 from quantmill.solvers.folds import BlockNames
-from quantmill.solvers.observers import DEFAULT_NBINS
 from quantmill.solvers.smoothquant import (
     ALPHA_GRID,
     SEARCH_ERRORS,
@@ -100,18 +84,12 @@ class SmoothQuantOptions(QuantizerOptions):
             raise ValueError(f"smoothquant option grid must be a non-empty list of alphas in [0, 1], got {value!r}")
         return tuple(_alpha(a) for a in value)
 
-    @field_validator("search_error", mode="before")
+    @field_validator("search", "search_error", mode="before")
     @classmethod
-    def _known_error(cls, value: Any) -> str:
-        if value not in SEARCH_ERRORS:
-            raise ValueError(f"smoothquant search_error must be one of {SEARCH_ERRORS}, got {value!r}")
-        return value
-
-    @field_validator("search", mode="before")
-    @classmethod
-    def _known_search(cls, value: Any) -> str:
-        if value not in SEARCHES:
-            raise ValueError(f"smoothquant search must be one of {SEARCHES}, got {value!r}")
+    def _one_of_known(cls, value: Any, info: ValidationInfo) -> str:
+        known = {"search": SEARCHES, "search_error": SEARCH_ERRORS}[info.field_name]
+        if value not in known:
+            raise ValueError(f"smoothquant {info.field_name} must be one of {known}, got {value!r}")
         return value
 
     @model_validator(mode="after")
@@ -166,13 +144,6 @@ def block_act_absmax(stats: Mapping[str, Any], block_prefix: str) -> dict[str, t
     return {name[len(block_prefix) + 1 :]: s.absmax for name, s in stats.items() if name.startswith(block_prefix + ".")}
 
 
-GPTQ_KEY = "gptq."  # prefix of the integer weights in a block's partial result (beside the stats)
-
-
-def _gptq_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len(GPTQ_KEY) :]: v for k, v in tensors.items() if k.startswith(GPTQ_KEY)}
-
-
 def _fake_w8a8(recipe: Recipe):
     """The recipe's W8A8 in float, for the alpha search: per-channel int8 weights; inputs per token
     (dynamic recipes) or per tensor at the batch's own range (static: a min-max calibration on the
@@ -210,13 +181,10 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
     v_o, up_down, quantizer = options.v_o, options.up_down, options.quantizer
     arch_names = block_folds(ctx.model, "smoothquant")
     prefix = layout_of(ctx.model).layers
-    plan = layer_granularity(recipe, target_linears(ctx.model, recipe))
-    quantize_one = options.weight_quantizer(recipe, plan)
-    true_sequential = options.true_sequential
     quantize_fn = _fake_w8a8(recipe)
-    stats_visit = _block_visitor(DEFAULT_NBINS)
 
-    def visit(index: int, block: nn.Module, inputs: BlockInputs, forward):
+    def prepare(index: int, block: nn.Module, inputs: BlockInputs) -> Prepared:
+        """Fold the block's smoothing scales, alpha fixed or searched on its inputs."""
         p = f"{prefix}.{index}"
         absmax = block_act_absmax(ctx.stats, p)
         if not absmax:
@@ -236,45 +204,15 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
                 a = best_alpha(errors)
             meta["alpha_errors"] = {str(k): v for k, v in errors.items()}
         scales = smooth_layer(block, arch_names, absmax, a, p, v_o, up_down)
-        tensors, stats_meta, outputs = stats_visit(index, block, inputs, forward)
-        tensors.update(block_params(block))  # the smoothed float weights and norms, for a resume
-        meta.update({"alpha": a, "aliases": stats_meta["aliases"], "scale_max": {k: float(v.max()) for k, v in scales.items()}, "scale_min": {k: float(v.min()) for k, v in scales.items()}})
-        if quantize_one is not None:  # GPTQ on the smoothed block; the engine re-runs it quantized
-            names = block_linear_names(block, index, prefix, plan)
-            weights, meta["report"] = quantize_block(index, block, inputs, forward, prefix, names, quantize_one, true_sequential)
-            tensors.update({GPTQ_KEY + k: v for k, v in weights.items()})
-            outputs = None
-        return tensors, meta, outputs
+        meta.update({"alpha": a, "scale_max": {k: float(v.max()) for k, v in scales.items()}, "scale_min": {k: float(v.min()) for k, v in scales.items()}})
+        return Prepared(meta)
 
-    def restore(index: int, block: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        restore_params(block, tensors)
-        if quantize_one is not None:
-            restore_block_weights(index, block, _gptq_tensors(tensors), meta["report"], prefix, recipe.weights.bits, plan)
-
-    results = run_sequential(
-        ctx.model, ctx.calibration, visit, device=ctx.device, batch_size=BATCH_SIZE, partial_dir=ctx.partial_dir,
-        restore=restore, desc=f"smoothquant {recipe.name}", on_block_done=ctx.on_block_done,
-    )
-    smoothed_stats = {}
-    alphas: dict[int, float | dict[str, float]] = {}
-    for index, (tensors, meta) in enumerate(results):
-        p = f"{prefix}.{index}."
-        stat_tensors = {k: v for k, v in tensors.items() if not k.startswith(("float.", GPTQ_KEY))}
-        for owner in {k.rsplit(".", 1)[0] for k in stat_tensors}:
-            smoothed_stats[p + owner] = stats_from_tensors(owner, stat_tensors)
-        for name, owner in meta["aliases"].items():
-            smoothed_stats[p + name] = smoothed_stats[p + owner]
-        alphas[index] = meta["alpha"]
-    if quantize_one is None:
-        rtn_recipe = recipe.model_copy(update={"options": {}})  # plain RTN: smoothquant's options are not rtn's
-        result = rtn(MethodContext(ctx.model, rtn_recipe, smoothed_stats, ctx.calibration, ctx.device))
-    else:
-        weights, report = collect_weights([(_gptq_tensors(t), m) for t, m in results], prefix, recipe.weights.bits, plan)
-        input_qparams, act_rows = static_input_qparams(recipe, smoothed_stats, list(weights))
-        for row in report:
-            row.update(act_rows.get(row["module"], {}))
-        fallbacks = [r["module"] for r in report if r.get("fallback_rtn")]
-        result = MethodResult(weights, report, {"gptq_rtn_fallbacks": fallbacks} if fallbacks else {}, input_qparams=input_qparams)
+    # GPTQ quantizes each smoothed block inside the walk; RTN rounds the smoothed model after it.
+    # The static input scales come from the smoothed blocks' own statistics, recorded in the walk.
+    gptq_in_walk = (lambda plan: options.weight_quantizer(recipe, plan)) if options.gptq is not None else None
+    run = run_blocks(ctx, BlockMethod("smoothquant", gptq_in_walk, prepare, options.true_sequential, record_stats=True, weights_key="gptq."))
+    result, smoothed_stats = run.result, run.stats
+    alphas = [meta["alpha"] for meta in run.metas]
     for row in result.report:
         index = int(row["module"][len(prefix) + 1 :].split(".", 1)[0])
         row["block"] = index
@@ -284,7 +222,7 @@ def smoothquant(ctx: MethodContext) -> MethodResult:
         before = ctx.stats.get(row["module"])
         if before is not None:
             row["act_absmax_before"] = float(before.absmax.max())
-    result.notes.update({"smoothquant_quantizer": quantizer, "smoothquant_alpha": alpha, "smoothquant_search": search if alpha == "auto" else None, "smoothquant_alphas": [alphas[i] for i in sorted(alphas)]})
+    result.notes.update({"smoothquant_quantizer": quantizer, "smoothquant_alpha": alpha, "smoothquant_search": search if alpha == "auto" else None, "smoothquant_alphas": alphas})
     return result
 
 

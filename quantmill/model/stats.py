@@ -51,7 +51,7 @@ def stats_from_tensors(prefix: str, t: dict[str, torch.Tensor]) -> ActivationSta
     )
 
 
-def _block_visitor(nbins: int):
+def block_stats_visitor(nbins: int):
     """Hooks every Linear of a block, runs the block once, returns its stats as tensors."""
 
     def visit(index: int, block: nn.Module, inputs: BlockInputs, forward) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[torch.Tensor]]:
@@ -101,7 +101,7 @@ def collect_stats(
     results = run_sequential(
         model,
         input_ids,
-        _block_visitor(nbins),
+        block_stats_visitor(nbins),
         device=device,
         batch_size=batch_size,
         partial_dir=partial_dir,
@@ -110,12 +110,20 @@ def collect_stats(
     )
     stats: dict[str, ActivationStats] = {}
     for index, (tensors, meta) in enumerate(results):
-        prefix = f"{layers_path}.{index}."
-        owners = {k.rsplit(".", 1)[0] for k in tensors}
-        for name in owners:
-            stats[prefix + name] = stats_from_tensors(name, tensors)
-        for name, owner in meta["aliases"].items():
-            stats[prefix + name] = stats[prefix + owner]
+        stats.update(block_stats(tensors, meta["aliases"], f"{layers_path}.{index}"))
+    return stats
+
+
+def block_stats(tensors: dict[str, torch.Tensor], aliases: dict[str, str], block_prefix: str) -> dict[str, ActivationStats]:
+    """One block's statistics, by full module name, from what `block_stats_visitor` returned for it
+    (other tensors kept beside them, e.g. a method's weights, are left alone)."""
+    stats = {}
+    for key in tensors:
+        if key.endswith(".scalars"):  # one per accumulator (stats_to_tensors)
+            owner = key[: -len(".scalars")]
+            stats[f"{block_prefix}.{owner}"] = stats_from_tensors(owner, tensors)
+    for name, owner in aliases.items():
+        stats[f"{block_prefix}.{name}"] = stats[f"{block_prefix}.{owner}"]
     return stats
 
 

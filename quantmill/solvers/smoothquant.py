@@ -416,10 +416,15 @@ def alpha_errors(
     smooth: Callable[[nn.Module, float], Any] | None = None,
     names: BlockNames | None = None,
 ) -> dict[float, float]:
-    """`output_error` of the smoothed, quantized block against the float block, for each alpha.
+    """`output_error` of the smoothed, quantized block against the float block, for each alpha
+    (`best_alpha` of the result is the search's choice).
 
+    quantize_fn gets a deep copy (smoothed) and may modify it in place or return a new module.
     `smooth(copy_of_layer, alpha)` folds the scales (default: `smooth_decoder_layer` with
-    `names`, `act_absmax` and `prefix`; one of `smooth` and `names` is needed)."""
+    `names`, the block's row of the architecture table, `act_absmax` and `prefix`; one of
+    `smooth` and `names` is needed)."""
+    for a in grid:
+        validate_alpha(a)
     if smooth is None:
         if names is None:
             raise ValueError("alpha_errors needs `smooth` or the block's `names` (the architecture table's row)")
@@ -443,27 +448,6 @@ def trial_error(
     smooth(trial)
     q = quantize_fn(trial)
     return output_error(reference, block_output(trial if q is None else q, inputs, layer_kwargs), error)
-
-
-def search_alpha(
-    layer: nn.Module,
-    inputs: torch.Tensor | Sequence[torch.Tensor],
-    layer_kwargs: Mapping[str, Any],
-    act_absmax: Mapping[str, torch.Tensor],
-    quantize_fn: Callable[[nn.Module], nn.Module | None],
-    grid: Sequence[float] = ALPHA_GRID,
-    prefix: str = "",
-    error: str = "mse",
-    names: BlockNames | None = None,
-) -> float:
-    """The alpha of `grid` whose smoothed + quantize_fn'd block is closest to the float block.
-
-    quantize_fn gets a deep copy (smoothed) and may modify it in place or return a new module.
-    `names`: the block's row of the architecture table (its folds).
-    """
-    for a in grid:
-        validate_alpha(a)
-    return best_alpha(alpha_errors(layer, inputs, layer_kwargs, act_absmax, quantize_fn, grid, prefix, error, names=names))
 
 
 @torch.no_grad()
