@@ -12,15 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
 import pytest
+import yaml
 
-from tests.served import api, deployments, env_for, form, prefect_server, wait_flow_run
-from tests.services import MLFLOW_DB, PREFECT_DB, mlflow_server, moto_s3, postgres, prefect_cli, process_worker
+from tests.served import REPO, api, deployments, env_for, form, prefect_server, wait_flow_run
+from tests.services import DB_USER, MLFLOW_DB, PREFECT_DB, REGION, mlflow_server, moto_s3, postgres, postgres_bin, prefect_cli, process_worker
 from tests.tiny import make_tiny_llama
 
 pytestmark = pytest.mark.stack
@@ -86,21 +88,28 @@ def _db(stack, database: str, query: str, *args) -> list[tuple]:
             return cur.fetchall()
 
 
+def _completed(stack) -> None:
+    assert stack.run["state_type"] == "COMPLETED", (stack.run["state"], stack.worker_log.read_text()[-4000:])
+
+
 def _version(stack):
+    """The one version the run registered, and a client of the stack's MLflow server."""
     from mlflow import MlflowClient
 
+    _completed(stack)
+
     client = MlflowClient(tracking_uri=stack.mlflow, registry_uri=stack.mlflow)
-    (version,) = client.search_model_versions(f"name = '{REGISTER_AS}-w8a16-rtn'")
-    return client, version
+    versions = client.search_model_versions(f"name = '{REGISTER_AS}-w8a16-rtn'")
+    assert len(versions) == 1, versions
+    return client, versions[0]
 
 
 def test_the_quantize_deployment_runs_through_the_worker_on_postgres(stack):
-    assert stack.run["state_type"] == "COMPLETED", (stack.run["state"], stack.worker_log.read_text()[-4000:])
+    _completed(stack)
     assert stack.run["work_pool_name"] == POOL
     # Prefect and MLflow keep their state in Postgres: read it there, not through their APIs
     assert _db(stack, PREFECT_DB, "SELECT state_type FROM flow_run WHERE id = %s", stack.run["id"]) == [("COMPLETED",)]
     assert _db(stack, MLFLOW_DB, "SELECT name, version FROM model_versions") == [(f"{REGISTER_AS}-w8a16-rtn", 1)]
-    assert stack.pg.version.split(".")[0] == "15"  # Debian 12's; what infra/compose.yaml's POSTGRES_IMAGE names
 
 
 def test_the_versions_files_are_objects_in_the_bucket(stack):
@@ -144,3 +153,22 @@ def test_the_stage_entries_are_in_the_bucket(stack):
     if LOCAL_STORE:
         pytest.skip("QUANTMILL_STACK_LOCAL_STORE=1: the stage entries were checked in a local QUANTMILL_HOME, not in the bucket")
     assert not [k for k in stack.s3.keys(f"{STORE}/") if "/.tmp-" in k]  # nothing half-written left
+
+
+def test_compose_describes_the_stack_this_test_runs():
+    """infra/compose.yaml and infra/env.example name the Postgres major version, drivers, databases,
+    bucket layout and pool that the stack above ran with (compose itself cannot run here)."""
+    import subprocess
+
+    services = yaml.safe_load((REPO / "infra" / "compose.yaml").read_text())["services"]
+    lines = (REPO / "infra" / "env.example").read_text().splitlines()
+    example = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    major = subprocess.run([postgres_bin("postgres"), "--version"], capture_output=True, text=True).stdout.split()[2].split(".")[0]
+    assert services["postgres"]["image"] == f"${{POSTGRES_IMAGE:-postgres:{major}}}" and example["POSTGRES_IMAGE"] == f"postgres:{major}"
+    assert (example["POSTGRES_USER"], example["PREFECT_DB"], example["MLFLOW_DB"]) == (DB_USER, PREFECT_DB, MLFLOW_DB)
+    assert services["prefect"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    mlflow = services["mlflow"]
+    assert "--backend-store-uri postgresql+psycopg2://" in mlflow["command"]  # a bare postgresql:// is psycopg 3 to SQLAlchemy 2.1
+    assert f"--serve-artifacts --artifacts-destination s3://${{MLFLOW_BUCKET:-{BUCKET}}}/{ARTIFACTS}" in mlflow["command"]
+    assert mlflow["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert (example["MLFLOW_BUCKET"], example["PREFECT_WORK_POOL"], example["AWS_DEFAULT_REGION"]) == (BUCKET, POOL, REGION)
