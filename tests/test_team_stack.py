@@ -172,3 +172,6 @@ def test_compose_describes_the_stack_this_test_runs():
     assert f"--serve-artifacts --artifacts-destination s3://${{MLFLOW_BUCKET:-{BUCKET}}}/{ARTIFACTS}" in mlflow["command"]
     assert mlflow["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     assert (example["MLFLOW_BUCKET"], example["PREFECT_WORK_POOL"], example["AWS_DEFAULT_REGION"]) == (BUCKET, POOL, REGION)
+    worker = services["worker"]["environment"]
+    assert worker["QUANTMILL_HOME"] == f"s3://${{MLFLOW_BUCKET:-{BUCKET}}}/{STORE}" and worker["AWS_ENDPOINT_URL"] == worker["MLFLOW_S3_ENDPOINT_URL"]
+    assert "QUANTMILL_CACHE" in worker and services["worker-cuda"]["environment"] == worker
