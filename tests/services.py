@@ -172,10 +172,25 @@ def moto_s3(folder: Path, bucket: str) -> Iterator[S3]:
         stop(proc)
 
 
+@dataclass(frozen=True)
+class Server:
+    """A server process started but perhaps not yet answering: `ready()` waits for its health URL."""
+
+    url: str
+    proc: subprocess.Popen
+    log: Path
+    health: str
+
+    def ready(self, timeout: float = 180) -> str:
+        wait_http(self.url + self.health, self.proc, self.log, timeout)
+        return self.url
+
+
 @contextmanager
-def mlflow_server(folder: Path, backend_uri: str, artifacts_destination: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`mlflow server` on a free loopback port, artifacts served (proxied) from `artifacts_destination`;
-    yields its URL. Job execution off: it would start ~8 more processes (1 GB) for nothing here."""
+def mlflow_process(folder: Path, backend_uri: str, artifacts_destination: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """`mlflow server` on a free loopback port, artifacts served (proxied) from `artifacts_destination`,
+    returning as soon as it is started (a caller starts other servers while it migrates its
+    database). Job execution off: it would start ~8 more processes (1 GB) for nothing here."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = folder / "mlflow.log"
@@ -185,11 +200,16 @@ def mlflow_server(folder: Path, backend_uri: str, artifacts_destination: str, en
         proc = subprocess.Popen(cmd, env={**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/health", proc, log, 180)
-        yield url
+        yield Server(f"http://127.0.0.1:{port}", proc, log, "/health")
     finally:
         stop(proc)
+
+
+@contextmanager
+def mlflow_server(folder: Path, backend_uri: str, artifacts_destination: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`mlflow_process`, once it answers /health; yields its URL."""
+    with mlflow_process(folder, backend_uri, artifacts_destination, env) as server:
+        yield server.ready()
 
 
 def prefect_cli(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.served import REPO, api, deployments, env_for, form, prefect_server, wait_flow_run
-from tests.services import DB_USER, MLFLOW_DB, PREFECT_DB, REGION, mlflow_server, moto_s3, postgres, postgres_bin, prefect_cli, process_worker
+from tests.services import DB_USER, MLFLOW_DB, PREFECT_DB, REGION, mlflow_process, moto_s3, postgres, postgres_bin, prefect_cli, process_worker
 from tests.tiny import make_tiny_llama
 
 pytestmark = pytest.mark.stack
@@ -53,27 +53,33 @@ def stack(tmp_path_factory):
     way out (a teardown error names any that is still alive)."""
     root = tmp_path_factory.mktemp("team-stack")
     model = make_tiny_llama(root / "tiny-llama")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # e.g. the session's Prefect harness
     stack = ExitStack()
     try:
         pg = stack.enter_context(postgres())
         s3 = stack.enter_context(moto_s3(root / "s3", BUCKET))
+        # MLflow migrates its database while Prefect starts and the deployment is made
+        mlflow_starting = stack.enter_context(mlflow_process(root / "mlflow", pg.url(MLFLOW_DB, "postgresql+psycopg2"), f"s3://{BUCKET}/{ARTIFACTS}", s3.env()))
         base = stack.enter_context(prefect_server(root / "prefect-server", PREFECT_API_DATABASE_CONNECTION_URL=pg.url(PREFECT_DB, "postgresql+asyncpg")))
-        mlflow = stack.enter_context(mlflow_server(root / "mlflow", pg.url(MLFLOW_DB, "postgresql+psycopg2"), f"s3://{BUCKET}/{ARTIFACTS}", s3.env()))
         home = str(root / "quantmill") if LOCAL_STORE else f"s3://{BUCKET}/{STORE}"
         env = env_for(base, home, root / "prefect-client", QUANTMILL_CACHE=str(root / "cache"), **s3.env())
-        env["MLFLOW_TRACKING_URI"] = mlflow
-        for args in (("work-pool", "create", POOL, "--type", "process"), ("gcl", "create", "gpu", "--limit", "1"), ("deploy", "--name", "quantize")):
-            done = prefect_cli(env, *args)
-            assert done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-2000:])
+        env["MLFLOW_TRACKING_URI"] = mlflow_starting.url
+        # docs/DEPLOY.md's once-per-server steps: the pool and the gpu limit through the API (the
+        # CLI's `work-pool create` is run by tests/test_deployment.py), the deployment by the CLI
+        assert api(base, "POST", "/work_pools/", {"name": POOL, "type": "process"})[0] == 201
+        assert api(base, "POST", "/v2/concurrency_limits/", {"name": "gpu", "limit": 1})[0] == 201
+        done = prefect_cli(env, "deploy", "--name", "quantize")
+        assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
         worker_log = root / "worker.log"
         stack.enter_context(process_worker(env, POOL, worker_log))
+        mlflow = mlflow_starting.ready()
         quantize = deployments(base)["quantize"]
         status, run = api(base, "POST", f"/deployments/{quantize['id']}/create_flow_run", {"parameters": form(str(model), register_as=REGISTER_AS)})
         assert status == 201, run
         done = wait_flow_run(base, run["id"], timeout=600)
         yield SimpleNamespace(pg=pg, s3=s3, base=base, mlflow=mlflow, home=home, run=done, worker_log=worker_log)
     finally:
-        started = psutil.Process().children(recursive=True)
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         stack.close()
         left = _alive(started)
         assert not left, f"still running after the stack stopped: {left}"
