@@ -88,7 +88,7 @@ def stack(tmp_path_factory):
 def _db(stack, database: str, query: str, *args) -> list[tuple]:
     import psycopg2
 
-    with psycopg2.connect(host="127.0.0.1", port=stack.pg.port, user="quantmill", password=stack.pg.password, dbname=database) as conn:
+    with psycopg2.connect(host="127.0.0.1", port=stack.pg.port, user=DB_USER, password=stack.pg.password, dbname=database) as conn:
         with conn.cursor() as cur:
             cur.execute(query, args)
             return cur.fetchall()
@@ -103,7 +103,6 @@ def _version(stack):
     from mlflow import MlflowClient
 
     _completed(stack)
-
     client = MlflowClient(tracking_uri=stack.mlflow, registry_uri=stack.mlflow)
     versions = client.search_model_versions(f"name = '{REGISTER_AS}-w8a16-rtn'")
     assert len(versions) == 1, versions
@@ -164,8 +163,6 @@ def test_the_stage_entries_are_in_the_bucket(stack):
 def test_compose_describes_the_stack_this_test_runs():
     """infra/compose.yaml and infra/env.example name the Postgres major version, drivers, databases,
     bucket layout and pool that the stack above ran with (compose itself cannot run here)."""
-    import subprocess
-
     services = yaml.safe_load((REPO / "infra" / "compose.yaml").read_text())["services"]
     lines = (REPO / "infra" / "env.example").read_text().splitlines()
     example = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
