@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 DEMO_RECIPES ?= w8a16-rtn w4a16-rtn w4a16-rtn-g64 w4a16-rtn-g64-asym w4a16-rtn-lsq-g64
 
-.PHONY: setup demo test test-fast bench-peers bench-llmc bench-compare-stores clean-venv chromium
+.PHONY: setup demo test test-fast bench-peers bench-llmc bench-compare-stores clean-venv chromium postgres
 
 setup: $(STAMP)
 
@@ -28,7 +28,12 @@ demo: setup
 chromium:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
-test: setup chromium
+# The team-stack test (tests/test_team_stack.py) starts Debian's Postgres itself, as an unprivileged
+# user on a free loopback port. Debian keeps the programs in /usr/lib/postgresql/N/bin, off PATH.
+postgres:
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql)
+
+test: setup chromium postgres
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -27,6 +24,8 @@ prefer_passive_waits()  # before torch: the suite shares its cores with the serv
 
 import pytest  # noqa: E402
 
+from tests import services  # noqa: E402
+from tests.served import free_port as _free_port  # noqa: E402,F401  (tests/test_fetch.py imports it from here)
 from tests.tiny import make_tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,36 +66,8 @@ def run_cli(args: list[str], env: dict[str, str], timeout: int = 600) -> subproc
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, served artifacts); yields its URL."""
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not start")
-            time.sleep(0.5)
+    with services.mlflow_server(tmp_path, f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "server-artifacts")) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)

@@ -26,9 +26,16 @@ def free_port() -> int:
 
 
 def stop(proc: subprocess.Popen, grace: float = 20) -> None:
-    """SIGTERM to the process group, SIGKILL after `grace` seconds."""
+    """SIGTERM to the process group, SIGKILL after `grace` seconds; then SIGKILL to any descendant
+    that left the group (a child started in a session of its own) and is still alive."""
+    import psutil
+
     if proc.poll() is not None:
         return
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(grace)
@@ -37,9 +44,14 @@ def stop(proc: subprocess.Popen, grace: float = 20) -> None:
         proc.wait(10)
     except ProcessLookupError:
         pass
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -55,27 +67,28 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> N
 
 
 @contextmanager
-def prefect_server(home: Path) -> Iterator[str]:
-    """`prefect server start` on a free loopback port with its own PREFECT_HOME; yields the API URL."""
+def prefect_server(home: Path, **extra: str) -> Iterator[str]:
+    """`prefect server start` on a free loopback port with its own PREFECT_HOME (and `extra`
+    settings, e.g. PREFECT_API_DATABASE_CONNECTION_URL); yields the API URL."""
     port = free_port()
     home.mkdir(parents=True, exist_ok=True)
     log = home / "server.log"
     # the UI asks its own port (the default is 4200)
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": "",
-           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api", **extra}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
-        _wait_http(f"http://127.0.0.1:{port}/api/health", proc, log, 180)
+        wait_http(f"http://127.0.0.1:{port}/api/health", proc, log, 180)
         yield f"http://127.0.0.1:{port}/api"
     finally:
         stop(proc)
 
 
-def env_for(api: str, quantmill_home: Path, prefect_home: Path, **extra: str) -> dict[str, str]:
+def env_for(api: str, quantmill_home: Path | str, prefect_home: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(prefect_home), "QUANTMILL_HOME": str(quantmill_home),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_RUNNER_POLL_FREQUENCY": "2", "HF_HUB_OFFLINE": "1", **extra}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -100,6 +113,28 @@ def quantmill_serve(env: dict[str, str], log: Path, *args: str) -> Iterator[subp
         yield proc
     finally:
         stop(proc)
+
+
+def form(source: str, **changes) -> dict:
+    """Every field of the quantize form, filled in as a person would (what the Run button sends)."""
+    params = {
+        "model": source,
+        "recipes": ["w8a16-rtn"],
+        "recipe_yaml": "",
+        "calibration": {"dataset": "stdlib:calib", "samples": 8, "seq_len": 64, "seed": 0},
+        "evaluation": {"dataset": "stdlib:eval", "windows": 2, "seq_len": 64},
+        "register_as": "",
+        "gate": {},
+        "allow_pickle": False,
+        "device": "cpu",
+    }
+    for key, value in changes.items():
+        if "." in key:
+            outer, inner = key.split(".")
+            params[outer] = {**params[outer], inner: value}
+        else:
+            params[key] = value
+    return params
 
 
 def api(base: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:

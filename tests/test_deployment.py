@@ -12,32 +12,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from tests.served import REPO, api, artifacts, deployments, env_for, events, prefect_server, quantmill_serve, task_runs, wait_flow_run
+from tests.served import REPO, api, artifacts, deployments, env_for, events, form, prefect_server, quantmill_serve, task_runs, wait_flow_run
 from tests.tiny import make_tiny_llama
 
 INLINE = "name: my-w4-g32\nmethod: rtn\nweights: {bits: 4, granularity: group, group_size: 32}\n"
-
-
-def form(source: str, **changes) -> dict:
-    """Every field of the quantize form, filled in as a person would (what the Run button sends)."""
-    params = {
-        "model": source,
-        "recipes": ["w8a16-rtn"],
-        "recipe_yaml": "",
-        "calibration": {"dataset": "stdlib:calib", "samples": 8, "seq_len": 64, "seed": 0},
-        "evaluation": {"dataset": "stdlib:eval", "windows": 2, "seq_len": 64},
-        "register_as": "",
-        "gate": {},
-        "allow_pickle": False,
-        "device": "cpu",
-    }
-    for key, value in changes.items():
-        if "." in key:
-            outer, inner = key.split(".")
-            params[outer] = {**params[outer], inner: value}
-        else:
-            params[key] = value
-    return params
 
 
 @pytest.fixture(scope="module")
