@@ -37,7 +37,7 @@ test: setup chromium postgres
 	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not stack"
 
 # Every built-in recipe on the tiny model with the code of REV and with this checkout: the same
 # store keys and byte-identical quantized tensors, or exit 1 (a refactor's proof of no change).
