@@ -56,10 +56,6 @@ def test_three_recipes_on_two_dask_workers_share_one_calibration_and_stats(prefe
     assert "data:image/png;base64," in pareto and str(plot) in pareto
     assert all(f"| {recipe} |" in pareto for _, recipe in out["pareto_front"])
 
-    again = sweep_flow(models=[str(tiny_model)], recipes=RECIPES[:1], register_prefix="sweep", n_workers=2, **SMALL)
-    assert all(s["cached"] for s in again["stages"] if not s["stage"].startswith("gate"))  # every stage from the store, the version found again
-    assert again["rows"][0]["uri"] == out["rows"][0]["uri"]
-
 
 def test_pareto_front_keeps_what_nothing_beats_on_both_size_and_perplexity():
     rows = [
@@ -71,6 +67,16 @@ def test_pareto_front_keeps_what_nothing_beats_on_both_size_and_perplexity():
         {"recipe": "f", "size_mb": None, "ppl": 1.0},  # no size: not plotted
     ]
     assert [r["recipe"] for r in pareto_front(rows)] == ["a", "b", "d"]
+
+
+
+def test_the_sweep_plot_takes_several_float_references_and_marks_the_front(tmp_path: Path):
+    from quantmill.eval.plots import size_vs_ppl
+
+    refs = [{"label": "a", "size_mb": 4.0, "ppl": 10.0}, {"label": "b", "size_mb": 8.0, "ppl": 9.0}]
+    rows = [{"recipe": "a: w4", "size_mb": 1.0, "ppl": 12.0}, {"recipe": "b: w4", "size_mb": 2.0, "ppl": 11.0}, {"recipe": "b: w8", "size_mb": 2.5, "ppl": 11.5}]
+    path = size_vs_ppl(refs, rows, tmp_path / "p.png", front=True)
+    assert path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_two_models_that_would_register_under_one_name_are_refused_before_any_work(tiny_model: Path, tmp_path: Path):

@@ -130,8 +130,9 @@ def connect(runner: DaskTaskRunner, address: str, n_workers: int) -> None:
         if not address:
             client.wait_for_workers(n_workers, timeout=300)
         homes = client.run(worker_home)
-    except (OSError, TimeoutError) as err:
-        raise QuantmillError(f"dask scheduler {address or 'local cluster'}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    except Exception as err:  # unreachable, no workers in time, or workers that cannot import quantmill
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise QuantmillError(f"dask cluster {address or '(local)'}: {type(err).__name__}: {reason}") from None
     if not homes:
         raise QuantmillError(f"dask scheduler {address} has no workers: start some (`dask worker {address}`) with quantmill installed")
     ours = str(default_root())
