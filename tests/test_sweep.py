@@ -103,5 +103,5 @@ def test_a_scheduler_whose_workers_use_another_store_is_refused_before_any_task(
     other = tmp_path / "another-home"
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, env={"QUANTMILL_HOME": str(other)}) as cluster:
         state = sweep_flow(models=[str(tiny_model)], recipes=["w8a16-rtn"], dask_address=cluster.scheduler_address, return_state=True, **SMALL)
-    assert state.is_failed() and f"uses QUANTMILL_HOME={other}, this flow {home}: workers must share the flow's store" in state.message, state.message
+    assert state.is_failed() and f"uses QUANTMILL_HOME={other}, this flow {home}: workers must share the flow's store and registry" in state.message, state.message
     assert not (home / "resolve_model").exists()

@@ -118,27 +118,30 @@ def dask_runner(address: str, n_workers: int, registering: bool) -> DaskTaskRunn
     return DaskTaskRunner(cluster_kwargs=cluster)
 
 
-def worker_home() -> str:
-    """Run on each worker: importing this module proves quantmill imports there; the store it sees."""
-    return str(default_root())
+def worker_facts(registering: bool) -> dict[str, str | None]:
+    """Run on each worker: importing this module proves quantmill imports there; the store and
+    the MLflow registry it would use."""
+    return {"QUANTMILL_HOME": str(default_root()), "MLflow": tracking_uri() if registering else None}
 
 
-def connect(runner: DaskTaskRunner, address: str, n_workers: int) -> None:
-    """Start (or reach) the cluster before any work, and check every worker sees this flow's store."""
+def connect(runner: DaskTaskRunner, address: str, n_workers: int, registering: bool) -> None:
+    """Start (or reach) the cluster before any work, and check every worker uses this flow's
+    store and registry (a worker on another store would not find the shared stages)."""
     try:
         client = runner.client
         if not address:
             client.wait_for_workers(n_workers, timeout=300)
-        homes = client.run(worker_home)
+        facts = client.run(worker_facts, registering)
     except Exception as err:  # unreachable, no workers in time, or workers that cannot import quantmill
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise QuantmillError(f"dask cluster {address or '(local)'}: {type(err).__name__}: {reason}") from None
-    if not homes:
+    if not facts:
         raise QuantmillError(f"dask scheduler {address} has no workers: start some (`dask worker {address}`) with quantmill installed")
-    ours = str(default_root())
-    for worker, home in homes.items():
-        if home != ours:
-            raise QuantmillError(f"dask worker {worker} uses QUANTMILL_HOME={home}, this flow {ours}: workers must share the flow's store")
+    ours = worker_facts(registering)
+    for worker, theirs in facts.items():
+        for what in ("QUANTMILL_HOME", "MLflow"):
+            if theirs[what] != ours[what]:
+                raise QuantmillError(f"dask worker {worker} uses {what}={theirs[what]}, this flow {ours[what]}: workers must share the flow's store and registry")
 
 
 @task(name="sweep-recipe", task_run_name="{label} {recipe.name}", cache_policy=NO_CACHE, persist_result=False)
@@ -207,7 +210,7 @@ def sweep_flow(
     references: dict[str, dict[str, Any]] = {}
     submitted = []
     with dask_runner(dask_address, n_workers, bool(register_prefix)) as runner:
-        connect(runner, dask_address, n_workers)
+        connect(runner, dask_address, n_workers, bool(register_prefix))
         for model, (plan, name) in checked.items():
             label = model_label(plan.source, model)
             model_stages: list[dict[str, Any]] = []
