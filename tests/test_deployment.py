@@ -159,10 +159,13 @@ def test_prefect_deploy_all_from_the_root_prefect_yaml(tmp_path):
         done = prefect("deploy", "--all")
         assert done.returncode == 0, done.stdout + done.stderr
         found = deployments(base)
-        assert set(found) == {"quantize", "requantize"}
+        assert set(found) == {"quantize", "requantize", "sweep"}
         assert [s["schedule"]["cron"] for s in found["requantize"]["schedules"]] == ["0 * * * *"]
         assert found["quantize"]["enforce_parameter_schema"] and found["quantize"]["work_pool_name"] == "quantmill"
         # no Docker-only path: flows run from this checkout
         assert found["quantize"]["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
         schema = found["quantize"]["parameter_openapi_schema"]["properties"]
         assert "w4a16-gptq-g64" in schema["recipes"]["items"]["enum"] and schema["device"]["enum"] == ["auto", "cpu", "cuda"]
+        sweep = found["sweep"]["parameter_openapi_schema"]["properties"]  # the quantize form's choices, plus the cluster's
+        assert sweep["recipes"]["items"]["enum"] == schema["recipes"]["items"]["enum"] and sweep["n_workers"]["default"] == 2
+        assert {"models", "calibration", "evaluation", "register_prefix", "dask_address"} <= set(sweep)

@@ -265,3 +265,11 @@ def split_recipes(recipes: list[str]) -> tuple[list[str], str | None]:
     names = [r for r in recipes if r in known and not Path(r).is_file()]
     files = [load_recipe(r).model_dump(mode="json") for r in recipes if r not in names]
     return names, (yaml.safe_dump(files, sort_keys=False) if files else None)
+
+
+# The sweep flow's own parameters (quantmill/flows/sweep.py); the rest of its form is the quantize flow's.
+DASK_ADDRESS_PATTERN = r"^$|^((tcp|tls|ucx|ws|wss|inproc)://)?[^\s/:]+(:[0-9]+)?$"
+ModelsParam = Annotated[list[ModelParam], Field(min_length=1, max_length=100, json_schema_extra=ui("Model sources", "One or more models, each as the quantize flow's model source: `demo`, `hf:ORG/NAME[@REVISION]`, `models:/NAME@ALIAS`, `models:/NAME/VERSION`, or an absolute path on the machines that run the flow.", uniqueItems=True))]
+RegisterPrefixParam = Annotated[str, BeforeValidator(_none_is_empty), Field(pattern=f"^$|{NAME_PATTERN}", max_length=100, examples=["sweep"], json_schema_extra=ui("Register prefix", "Register each result in MLflow as model PREFIX-MODEL-RECIPE (MODEL: the source's name, e.g. the folder's; alias `candidate`); empty: do not register."))]
+DaskAddressParam = Annotated[str, BeforeValidator(_none_is_empty), Field(pattern=DASK_ADDRESS_PATTERN, max_length=300, examples=["tcp://10.0.0.5:8786"], json_schema_extra=ui("Dask scheduler", "Address of a running Dask scheduler whose workers run the recipes (they need quantmill installed and the same QUANTMILL_HOME, MLFLOW_TRACKING_URI and PREFECT_API_URL); empty: a local cluster on this machine."))]
+DaskWorkersParam = Annotated[int, Field(ge=1, le=64, json_schema_extra=ui("Local workers", "Worker processes of the local cluster (one thread each); ignored with a scheduler address."))]

@@ -7,6 +7,7 @@ checked without a model is checked before the first task, so a bad value fails a
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
@@ -29,8 +30,8 @@ from quantmill.flows.params import (
     check_request,
     ui,
 )
-from quantmill.methods.recipe import QualityGate
-from quantmill.tasks.calibrate import capture_calibration
+from quantmill.methods.recipe import QualityGate, Recipe
+from quantmill.tasks.calibrate import CalibrationSpec, EvaluationSpec, capture_calibration
 from quantmill.tasks.evaluate import evaluate
 from quantmill.tasks.gate import check_gate, effective_gate
 from quantmill.tasks.quantize import quantize
@@ -57,6 +58,78 @@ def _run(task, *args: Any, **kwargs: Any) -> tuple[dict[str, Any], bool, str]:
     return result, state.name == "Cached" or bool(result.get("reused")), state.name
 
 
+def run_stage(stages: list[dict[str, Any]], label: str, task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run a stage task, record in `stages` whether it was computed or cached, and log it."""
+    result, cached, state = _run(task, *args, **kwargs)
+    stages.append({"stage": label, "key": result.get("key") or result.get("uri"), "cached": cached, "prefect_state": state})
+    get_run_logger().info(f"{label}: {'cached' if cached else 'computed'} {result.get('key') or result.get('uri')}")
+    return result
+
+
+METRIC_COLUMNS = ("ppl", "ppl_ratio", "ppl_ratio_ci95_low", "ppl_ratio_ci95_high", "kl", "kl_ci95_low", "kl_ci95_high", "top1_agreement", "size_mb", "bits_per_weight", "quantize_seconds", "seconds", "max_abs_logit_diff")
+
+
+@dataclass
+class SharedStages:
+    """What every recipe of one model builds on: its manifests from the store."""
+
+    resolved: dict[str, Any]
+    calib: dict[str, Any]
+    stats: dict[str, Any]
+    reference: dict[str, Any]  # the float model's evaluation
+
+
+def run_shared(model: str, allow_pickle: bool, calibration_spec: CalibrationSpec, evaluation_spec: EvaluationSpec, device: str | None, stages: list[dict[str, Any]]) -> SharedStages:
+    """resolve -> calibrate -> stats, and the float reference evaluation: once per model."""
+    run = lambda label, task, *args, **kwargs: run_stage(stages, label, task, *args, **kwargs)
+    resolved = run("resolve_model", resolve_model, model, allow_pickle)
+    calib = run("capture_calibration", capture_calibration, resolved, calibration_spec)
+    stats = run("collect_stats", collect_stats, resolved, calib, device)
+    reference = run("evaluate float", evaluate, resolved, evaluation_spec, None, device)
+    return SharedStages(resolved, calib, stats, reference)
+
+
+@dataclass
+class RecipeOutcome:
+    """One recipe's result row, its registered version, and a registry failure (as its one-line
+    message: the sweep sends outcomes back from Dask workers, so they must pickle plainly)."""
+
+    row: dict[str, Any]
+    registered: dict[str, Any] | None = None
+    registry_error: str | None = None
+
+
+def run_recipe(
+    recipe: Recipe,
+    shared: SharedStages,
+    evaluation_spec: EvaluationSpec,
+    device: str | None,
+    gate: QualityGate | None,
+    register_as: str,
+    stages: list[dict[str, Any]],
+) -> RecipeOutcome:
+    """quantize -> evaluate -> check_gate -> register for one recipe, on the shared stages'
+    results; the quantize and sweep flows both call it. A registry failure is kept as a pending
+    registration and reported in the outcome, so the other recipes still run."""
+    run = lambda label, task, *args, **kwargs: run_stage(stages, label, task, *args, **kwargs)
+    q = run(f"quantize {recipe.name}", quantize, shared.resolved, shared.calib, shared.stats, recipe, device)
+    metrics = run(f"evaluate {recipe.name}", evaluate, shared.resolved, evaluation_spec, q, device)["manifest"]["metrics"]
+    row = {"recipe": recipe.name, **{k: metrics.get(k) for k in METRIC_COLUMNS}}
+    verdict = run(f"gate {recipe.name}", check_gate, q, metrics, effective_gate(recipe.gate, gate))
+    row["gate"] = verdict["status"]
+    row["gate_reasons"] = "; ".join(verdict["reasons"]) or None
+    row["quantized_key"] = q["key"]
+    row["checkpoint"] = q["path"] + "/checkpoint"
+    if not register_as:
+        return RecipeOutcome(row)
+    try:
+        reg = run(f"register {recipe.name}", register, register_as, q, metrics, shared.reference["manifest"]["metrics"], verdict, evaluation_spec.model_dump())
+    except RegistryError as err:
+        get_run_logger().error(str(err))
+        return RecipeOutcome({**row, "uri": None}, registry_error=str(err))
+    return RecipeOutcome({**row, "uri": reg["uri"]}, registered=reg)
+
+
 def gpu_slot() -> AbstractContextManager[Any]:
     """A slot of the global concurrency limit `gpu` when the server has one (`quantmill serve`
     creates it), so runs sharing one accelerator never overlap; nothing to hold otherwise."""
@@ -72,10 +145,13 @@ def gpu_slot() -> AbstractContextManager[Any]:
     return concurrency(GPU_LIMIT, occupy=1)
 
 
-def results_table(fp: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def reference_row(fp: dict[str, Any]) -> dict[str, Any]:
+    """The float model's row of a results table, from its evaluation metrics."""
+    return {"recipe": "float (reference)", "ppl": fp.get("ppl"), "ppl_ratio": 1.0, "size_mb": fp.get("size_mb"), "seconds": fp.get("seconds")}
+
+
+def table_cells(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every column any row has (a new key in a row appears without a change here), for every row."""
-    reference = {"recipe": "float (reference)", "ppl": fp.get("ppl"), "ppl_ratio": 1.0, "size_mb": fp.get("size_mb"), "seconds": fp.get("seconds")}
-    table = [reference] + rows
     columns: list[str] = []
     for row in table:
         columns += [k for k in row if k not in columns]
@@ -83,6 +159,11 @@ def results_table(fp: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[s
     # an em dash, not "-": the UI renders cells as markdown, where "-" is a list bullet
     cell = lambda v: "\u2014" if v is None else round(v, 4) if isinstance(v, float) else v if isinstance(v, (int, str, bool)) else str(v)
     return [{c: cell(row.get(c)) for c in columns} for row in table]
+
+
+def results_table(fp: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The float reference, then one row per recipe."""
+    return table_cells([reference_row(fp)] + rows)
 
 
 def _mlflow_ui() -> str | None:
@@ -133,45 +214,23 @@ def quantize_flow(
     device: Annotated[DeviceParam, BeforeValidator(lambda v: "auto" if v is None else v)] = "auto",
 ) -> dict[str, Any]:
     """Quantize one model with several recipes; shared stages run once, every stage is cached."""
-    logger = get_run_logger()
     plan = check_request(model, list(recipes), recipe_yaml, calibration, evaluation, device, allow_pickle, register_as)
     plans, calibration_spec, evaluation_spec, device_ = plan.recipes, plan.calibration, plan.evaluation, plan.device
     stages: list[dict[str, Any]] = []
     registered: list[dict[str, Any]] = []
     registry_errors: list[RegistryError] = []
 
-    def run(label: str, task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        result, cached, state = _run(task, *args, **kwargs)
-        stages.append({"stage": label, "key": result.get("key") or result.get("uri"), "cached": cached, "prefect_state": state})
-        logger.info(f"{label}: {'cached' if cached else 'computed'} {result.get('key') or result.get('uri')}")
-        return result
-
     with gpu_slot():
-        resolved = run("resolve_model", resolve_model, model, allow_pickle)
-        calib = run("capture_calibration", capture_calibration, resolved, calibration_spec)
-        stats = run("collect_stats", collect_stats, resolved, calib, device_)
-        reference = run("evaluate float", evaluate, resolved, evaluation_spec, None, device_)
+        shared = run_shared(model, allow_pickle, calibration_spec, evaluation_spec, device_, stages)
+        resolved, reference = shared.resolved, shared.reference
         rows = []
         for recipe in plans:
-            q = run(f"quantize {recipe.name}", quantize, resolved, calib, stats, recipe, device_)
-            metrics = run(f"evaluate {recipe.name}", evaluate, resolved, evaluation_spec, q, device_)["manifest"]["metrics"]
-            row = {"recipe": recipe.name, **{k: metrics.get(k) for k in ("ppl", "ppl_ratio", "ppl_ratio_ci95_low", "ppl_ratio_ci95_high", "kl", "kl_ci95_low", "kl_ci95_high", "top1_agreement", "size_mb", "bits_per_weight", "quantize_seconds", "seconds", "max_abs_logit_diff")}}
-            verdict = run(f"gate {recipe.name}", check_gate, q, metrics, effective_gate(recipe.gate, gate))
-            row["gate"] = verdict["status"]
-            row["gate_reasons"] = "; ".join(verdict["reasons"]) or None
-            row["quantized_key"] = q["key"]
-            row["checkpoint"] = q["path"] + "/checkpoint"
-            if register_as:
-                try:
-                    reg = run(f"register {recipe.name}", register, register_as, q, metrics, reference["manifest"]["metrics"], verdict, evaluation_spec.model_dump())
-                except RegistryError as err:  # kept as a pending registration; the other recipes still run
-                    logger.error(str(err))
-                    registry_errors.append(err)
-                    row["uri"] = None
-                else:
-                    row["uri"] = reg["uri"]
-                    registered.append(reg)
-            rows.append(row)
+            outcome = run_recipe(recipe, shared, evaluation_spec, device_, gate, register_as, stages)
+            rows.append(outcome.row)
+            if outcome.registered:
+                registered.append(outcome.registered)
+            if outcome.registry_error:
+                registry_errors.append(RegistryError(outcome.registry_error))
     fp = reference["manifest"]["metrics"]
     summary = {
         "model": model,
