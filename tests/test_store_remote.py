@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from quantmill.tasks.lease import LeaseError
 from quantmill.tasks.store import MANIFEST, Store, default_root, stage_key
 from quantmill.tasks.store_remote import FILES, RemoteStoreError, cache_root
 from tests.served import _wait_http, free_port, stop
@@ -183,6 +184,20 @@ def test_a_commit_keeps_the_entry_another_host_published_first(url, tmp_path, mo
 def test_a_store_url_other_than_s3_is_one_line(tmp_path) -> None:
     with pytest.raises(RemoteStoreError, match=r"^QUANTMILL_HOME gs://b/p: a remote store must be s3://BUCKET\[/PREFIX\] \(or use a local or mounted shared path\)$"):
         Store("gs://b/p")
+
+
+def test_a_missing_bucket_is_one_line_before_anything_is_computed(s3_server, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("QUANTMILL_CACHE", str(tmp_path / "cache"))
+    store = Store("s3://no-such-bucket/team")
+    with pytest.raises(RemoteStoreError, match=r"^the store s3://no-such-bucket/team: bucket no-such-bucket cannot be used \(.*\): create it, or check the credentials$"):
+        store.get(STAGE, KEY)
+    done = subprocess.run([sys.executable, "-m", "quantmill.cli", "store", "ls"], cwd=REPO, env={**os.environ, "QUANTMILL_HOME": "s3://no-such-bucket/team"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert re.fullmatch(r"error: the store s3://no-such-bucket/team: bucket no-such-bucket cannot be used \(.*\): create it, or check the credentials\n", done.stderr)
+    with pytest.raises(LeaseError, match=r"^the lease no-such-bucket/team/.leases/collect_stats/[0-9a-f]{64}.json cannot be written: "):
+        with store.exclusive(STAGE, KEY):
+            pass
 
 
 def test_store_ls_lists_a_remote_store(url, tmp_path) -> None:

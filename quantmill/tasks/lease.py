@@ -22,11 +22,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from quantmill.core.errors import QuantmillError
 from quantmill.tasks.processes import owner_id
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_S = 60.0  # renewed every lease_s / 3; a dead holder blocks others for about this long
+
+
+class LeaseError(QuantmillError):
+    """A lease that cannot be read or written (credentials, endpoint, bucket): names it."""
 
 
 @contextlib.contextmanager
@@ -88,6 +93,8 @@ class S3Lease:
                 break
             except FileExistsError:
                 pass
+            except Exception as err:
+                raise LeaseError(f"the lease {self.path} cannot be written: {(str(err).splitlines() or [type(err).__name__])[0]}") from None
             try:
                 etag = self.fs.info(self.path)["ETag"]
             except FileNotFoundError:  # released meanwhile: try to create it again at once
@@ -109,7 +116,7 @@ class S3Lease:
         while not self._stop.wait(self.lease_s / 3):
             try:
                 self.etag = self._put(IfMatch=self.etag)
-            except OSError as err:
+            except Exception as err:  # refused (taken over) or transient: the lease record says which
                 if self._holder() != self.owner:
                     self.lost = True
                     log.warning("lost the lease %s (renewal refused: %s): another run may build the same entry", self.path, err)

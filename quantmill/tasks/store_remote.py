@@ -77,6 +77,7 @@ class RemoteStore:
         self.url = url.rstrip("/")
         self.base = self.url.split("://", 1)[1]
         self._fs: Any = None
+        self._bucket_ok = False
 
     @property
     def fs(self) -> Any:
@@ -95,9 +96,21 @@ class RemoteStore:
         try:
             return self.fs.cat_file(self._path(stage, key, MANIFEST))
         except FileNotFoundError:
+            self._check_bucket()  # before a stage is computed for nothing
             return None
-        except Exception as err:  # credentials, endpoint, bucket: one line naming the store
+        except Exception as err:  # credentials, endpoint: one line naming the store
             raise RemoteStoreError(f"the store {self.url} cannot be read: {_first_line(err)}") from None
+
+    def _check_bucket(self) -> None:
+        """s3fs says "not found" alike for a missing key and a missing bucket: tell them apart once."""
+        if self._bucket_ok:
+            return
+        bucket = self.base.split("/", 1)[0]
+        try:
+            self.fs.call_s3("head_bucket", Bucket=bucket)
+        except Exception as err:
+            raise RemoteStoreError(f"the store {self.url}: bucket {bucket} cannot be used ({_first_line(err)}): create it, or check the credentials") from None
+        self._bucket_ok = True
 
     def download(self, stage: str, key: str, files: dict[str, int], dest: Path) -> None:
         """The entry's files into `dest`, each checked against the size the manifest lists."""
@@ -133,6 +146,7 @@ class RemoteStore:
 
     def entries(self) -> Iterator[RemoteEntry]:
         """Every entry (a manifest inside) with its size and newest modification time."""
+        self._check_bucket()
         try:
             found = self.fs.find(self.base, detail=True)
         except FileNotFoundError:
