@@ -226,6 +226,18 @@ if mode == "hold":  # hold the right to build for `arg` seconds (or until killed
         say("held")
         time.sleep(arg)
         say("releasing")
+elif mode == "claim":  # the same pattern through Store.claim, started at time `arg`
+    while time.time() < arg:
+        time.sleep(0.001)
+    with store.claim(stage, key, lease_s=lease_s) as entry:
+        if entry is None:
+            with store.build(stage, key) as tmp:
+                with open(log, "a") as f:
+                    f.write(f"{os.getpid()}\n")
+                time.sleep(1.5)
+                (tmp / "stats.safetensors").write_text(str(os.getpid()))
+                entry = store.commit(tmp, stage, key, {"writer": os.getpid()})
+    say("done", writer=entry.manifest["writer"], file=(entry.path / "stats.safetensors").read_text())
 else:  # the caller pattern of a stage, started at time `arg`
     while time.time() < arg:
         time.sleep(0.001)
@@ -275,14 +287,16 @@ def _cache(where: str, tmp_path: Path, host: str) -> Path | None:
     return tmp_path / f"cache-{host}" if where != "local" else None
 
 
-def test_two_runs_that_need_one_entry_at_once_compute_it_once(where, tmp_path) -> None:
+@pytest.mark.parametrize("mode", ["build", "claim"])
+def test_two_runs_that_need_one_entry_at_once_compute_it_once(where, mode, tmp_path) -> None:
     log, start = tmp_path / "computed.log", time.time() + 2.0
-    procs = [_worker("build", 5.0, start, log, _cache(where, tmp_path, host)) for host in ("a", "b")]
+    procs = [_worker(mode, 5.0, start, log, _cache(where, tmp_path, host)) for host in ("a", "b", "c")]
     results = [_events(p) for p in procs]
     computed = log.read_text().split()
     assert len(computed) == 1  # one computed it ...
-    assert all(r["done"]["writer"] == int(computed[0]) and r["done"]["file"] == computed[0] for r in results)  # ... both got it
-    assert all("waiting" in r for r in results)  # both started before the entry existed: one really waited
+    assert all(r["done"]["writer"] == int(computed[0]) and r["done"]["file"] == computed[0] for r in results)  # ... all got it
+    if mode == "build":
+        assert all("waiting" in r for r in results)  # all started before the entry existed: two really waited
     assert Store().get(STAGE, KEY).manifest["writer"] == int(computed[0])
 
 

@@ -364,5 +364,20 @@ class Store:
                 with self.remote.lease(stage, key, lease_s).held():
                     yield
 
+    @contextlib.contextmanager
+    def claim(self, stage: str, key: str, lease_s: float = DEFAULT_LEASE_S) -> Iterator[Entry | None]:
+        """The entry, or the right to build it: the `exclusive` pattern in one block.
+
+        `with store.claim(stage, key) as found:` yields the entry when it exists (at once, or once
+        the run that held the right committed it), else None while holding `exclusive`, for the
+        block to `build` and `commit`.
+        """
+        found = self.get(stage, key)
+        if found is not None:
+            yield found
+            return
+        with self.exclusive(stage, key, lease_s):
+            yield self.get(stage, key)
+
     def discard(self, tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
