@@ -330,3 +330,17 @@ def test_a_live_holder_is_never_taken_over(where, tmp_path) -> None:
     waiter = _worker("build", lease_s, 0, log, _cache(where, tmp_path, "b"))
     releasing = _events(holder)["releasing"]["t"]
     assert _events(waiter)["acquired"]["t"] >= releasing  # waited out all four leases' worth
+
+
+def test_gc_removes_a_killed_download_and_keeps_a_running_one(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("QUANTMILL_HOME", str(tmp_path / "cache-as-home"))
+    store = Store()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = store.root / STAGE / f".dl-{KEY}-123-{dead.pid}"
+    running = store.root / STAGE / f".dl-{KEY}-456-{os.getpid()}"
+    for folder in (killed, running):
+        (folder / "report").mkdir(parents=True)
+        (folder / "stats.safetensors").write_bytes(b"half")
+    store.collect(older_than_s=0)
+    assert not killed.exists() and running.is_dir()

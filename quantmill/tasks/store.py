@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ MANIFEST = "manifest.json"
 PARTIAL = "partial"  # the per-block results of a resumable stage, inside its tmp folder
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
-DOWNLOAD_PREFIX = ".dl-"  # an entry being downloaded into the cache: .dl-<key>-<pid>
+DOWNLOAD_PREFIX = ".dl-"  # an entry being downloaded into the cache: .dl-<key>-<thread>-<pid>
 LOCK_PREFIX = ".lock-"  # exclusive(): .lock-<key>, removed by its holder
 
 
@@ -188,7 +189,7 @@ class Store:
         manifest, files = manifest_files(data, f"{self.location} entry {stage}/{key[:12]}")
         final = self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        folder = final.parent / f"{DOWNLOAD_PREFIX}{key}-{os.getpid()}"
+        folder = final.parent / f"{DOWNLOAD_PREFIX}{key}-{threading.get_ident()}-{os.getpid()}"  # threads of one run too
         shutil.rmtree(folder, ignore_errors=True)
         try:
             self.remote.download(stage, key, files, folder)
@@ -248,7 +249,8 @@ class Store:
 
     def collect(self, older_than_s: float, now: float | None = None) -> list[Partial]:
         """Remove dead owners' partials not written to for `older_than_s` seconds (`store gc`),
-        and what a killed deletion left half-deleted (`.trash-<pid>-...` of a dead process)."""
+        and what a killed deletion or download left behind (`.trash-<pid>-...`, `.dl-...-<pid>`
+        of a dead process)."""
         now = time.time() if now is None else now
         removed = []
         for stage in self.stages():

@@ -3,8 +3,10 @@
 `<url>/<stage>/<key>/` holds an entry's files and its manifest, uploaded last and only if no
 manifest is there yet (S3's conditional `If-None-Match: *`), so an entry exists only once it is
 complete, and a second writer never replaces the first one's. The manifest lists the entry's files
-with their sizes (`store_files`); a download is checked against it. Leases for building an entry
-live under `<url>/.leases/` (quantmill/tasks/lease.py).
+with their sizes (`store_files`); a download is checked against it (sizes, not hashes: hashing
+a 100 GB checkpoint twice costs minutes; botocore adds a CRC32 to each upload and checks it on
+download where the server returns one). Leases for building an entry live under
+`<url>/.leases/` (quantmill/tasks/lease.py).
 
 The store reaches S3 through s3fs; the endpoint and credentials come from the standard AWS
 variables (AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY),
