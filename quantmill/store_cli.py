@@ -66,6 +66,13 @@ def _what(store, stage: str, key: str) -> str:
     return str(what or "")
 
 
+def _notes(row: dict) -> str:
+    """An entry's notes: what it is, and for a remote store whether this host has it cached."""
+    if "cached" not in row:
+        return row["what"]
+    return ", ".join(x for x in (row["what"], "cached here" if row["cached"] else "") if x)
+
+
 def _rows(store) -> list[dict]:
     from quantmill.tasks.store import STAGE_VERSIONS, folder_size, last_modified
 
@@ -111,7 +118,7 @@ def ls(as_json: bool = typer.Option(False, "--json", help="print the rows as JSO
     header = ["stage", "kind", "key", "age", "size", "notes"]
     table = [header] + [
         [r["stage"], r["kind"], r["key"][:16], human_age(r["age_s"]), human_size(r["size_bytes"]),
-         f"pid {r['pid']} {r['owner']}, {r['blocks_done']} blocks done" if r["kind"] == "partial" else r["what"]]
+         f"pid {r['pid']} {r['owner']}, {r['blocks_done']} blocks done" if r["kind"] == "partial" else _notes(r)]
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -210,6 +210,9 @@ def test_store_ls_lists_a_remote_store(url, tmp_path) -> None:
     assert [(r["stage"], r["kind"], r["key"], r["size_bytes"], r["cached"]) for r in listing["rows"]] == [(STAGE, "entry", KEY, 1301 + _objects(url)[f"{STAGE}/{KEY}/{MANIFEST}"], False)]
     done = subprocess.run([sys.executable, "-m", "quantmill.cli", "store", "ls"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.splitlines()[-1] == f"1 entries, 0 partials in {url}"
+    assert done.stdout.splitlines()[1].split()[:3] == [STAGE, "entry", KEY[:16]] and "cached here" not in done.stdout
+    done = subprocess.run([sys.executable, "-m", "quantmill.cli", "store", "ls"], cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.splitlines()[1].endswith("cached here")  # the committing host's cache has it
 
 
 # --------------------------------------------------------------------------- building an entry once
