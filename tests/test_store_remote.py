@@ -181,6 +181,21 @@ def test_a_commit_keeps_the_entry_another_host_published_first(url, tmp_path, mo
     assert not list((slower.root / STAGE).glob(".tmp-*"))
 
 
+def test_a_writer_that_missed_the_first_entry_cannot_replace_its_manifest(url, tmp_path, monkeypatch) -> None:
+    """Two hosts past the "is it there?" check at once: S3's If-None-Match keeps the first manifest."""
+    first = _commit(Store(), run=1)
+    monkeypatch.setenv("QUANTMILL_CACHE", str(tmp_path / "cache-racer"))
+    racer = Store()
+    real = type(racer.remote).manifest
+    looks = iter([None])  # its first look saw no entry yet
+    monkeypatch.setattr(racer.remote, "manifest", lambda stage, key: next(looks, None) or real(racer.remote, stage, key))
+    got = _commit(racer, run=2)  # its files went up before its manifest was refused (why callers take exclusive())
+    assert got.manifest == first.manifest
+    assert json.loads(Store().remote.manifest(STAGE, KEY))["run"] == 1
+    with pytest.raises(FileExistsError):
+        racer.remote.put_manifest(STAGE, KEY, b"{}")
+
+
 def test_a_store_url_other_than_s3_is_one_line(tmp_path) -> None:
     with pytest.raises(RemoteStoreError, match=r"^QUANTMILL_HOME gs://b/p: a remote store must be s3://BUCKET\[/PREFIX\] \(or use a local or mounted shared path\)$"):
         Store("gs://b/p")
