@@ -247,7 +247,7 @@ if mode == "hold":  # hold the right to build for `arg` seconds (or until killed
 elif mode == "claim":  # the same pattern through Store.claim, started at time `arg`
     while time.time() < arg:
         time.sleep(0.001)
-    with store.claim(stage, key, lease_s=lease_s) as entry:
+    with store.claim(stage, key, lease_s=lease_s, on_wait=lambda line: say("told", line=line)) as entry:
         if entry is None:
             with store.build(stage, key) as tmp:
                 with open(log, "a") as f:
@@ -307,7 +307,7 @@ def _cache(where: str, tmp_path: Path, host: str) -> Path | None:
 
 @pytest.mark.parametrize("mode", ["build", "claim"])
 def test_two_runs_that_need_one_entry_at_once_compute_it_once(where, mode, tmp_path) -> None:
-    log, start = tmp_path / "computed.log", time.time() + 2.0
+    log, start = tmp_path / "computed.log", time.time() + 3.0  # all three are up by then: none finds the entry made
     procs = [_worker(mode, 5.0, start, log, _cache(where, tmp_path, host)) for host in ("a", "b", "c")]
     results = [_events(p) for p in procs]
     computed = log.read_text().split()
@@ -315,6 +315,10 @@ def test_two_runs_that_need_one_entry_at_once_compute_it_once(where, mode, tmp_p
     assert all(r["done"]["writer"] == int(computed[0]) and r["done"]["file"] == computed[0] for r in results)  # ... all got it
     if mode == "build":
         assert all("waiting" in r for r in results)  # all started before the entry existed: two really waited
+    else:  # the two that waited were told why, in one line
+        told = sorted(r["told"]["line"] for r in results if "told" in r)
+        where = "on this host" if where == "local" else "on another host: lease 5 s"
+        assert told == [f"waiting for the run that is building {STAGE} {KEY[:12]} ({where})"] * 2, told
     assert Store().get(STAGE, KEY).manifest["writer"] == int(computed[0])
 
 

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,19 @@ class LeaseError(QuantmillError):
     """A lease that cannot be read or written (credentials, endpoint, bucket): names it."""
 
 
+def _lock(fd: int, on_wait: Callable[[], None] | None) -> None:
+    """flock, telling `on_wait` first when another holder makes us wait."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if on_wait is not None:
+            on_wait()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on `path`, removed on release.
+def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """An exclusive flock on `path`, removed on release; `on_wait()` is called if it must wait.
 
     Removing the file while holding the lock is safe: a waiter that opened the old file gets its
     lock, sees the path no longer names its file (other inode, or gone) and tries again.
@@ -45,7 +55,7 @@ def file_lock(path: Path) -> Iterator[None]:
     while True:
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _lock(fd, on_wait)
             try:
                 current = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -84,15 +94,18 @@ class S3Lease:
     def _put(self, **condition: Any) -> str:
         return self.fs.pipe_file(self.path, self._body(), **condition)["ETag"]
 
-    def acquire(self) -> None:
-        """Block until this process holds the lease; then renew it in the background."""
+    def acquire(self, on_wait: Callable[[], None] | None = None) -> None:
+        """Block until this process holds the lease (`on_wait()` once, if it must wait); then
+        renew it in the background."""
         seen, seen_at = None, 0.0
         while True:
             try:
                 self.etag = self._put(mode="create")
                 break
             except FileExistsError:
-                pass
+                if on_wait is not None:
+                    on_wait()
+                    on_wait = None
             except Exception as err:
                 raise LeaseError(f"the lease {self.path} cannot be written: {(str(err).splitlines() or [type(err).__name__])[0]}") from None
             try:
@@ -140,8 +153,8 @@ class S3Lease:
             self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=self.etag)
 
     @contextlib.contextmanager
-    def held(self) -> Iterator[S3Lease]:
-        self.acquire()
+    def held(self, on_wait: Callable[[], None] | None = None) -> Iterator[S3Lease]:
+        self.acquire(on_wait)
         try:
             yield self
         finally:

@@ -24,7 +24,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,23 +351,30 @@ class Store:
         return existing
 
     @contextlib.contextmanager
-    def exclusive(self, stage: str, key: str, lease_s: float = DEFAULT_LEASE_S) -> Iterator[None]:
-        """The right to build (stage, key): blocks while another live run holds it.
+    def exclusive(self, stage: str, key: str, lease_s: float = DEFAULT_LEASE_S, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """The right to build (stage, key): blocks while another live run holds it; `on_wait`
+        (a run logger, say) hears one line when it has to wait.
 
         Pattern: `get` -> None -> `with exclusive(...)`: `get` again (the holder may have just
         committed it) -> still None -> `build` + `commit`. On one host an flock (released by the
         kernel when its holder dies); with a remote store also a lease in the bucket, renewed in
         the background, that a waiter takes over once it went `lease_s` without renewal.
         """
-        with file_lock(self.root / stage / f"{LOCK_PREFIX}{key}"):
+        def waiting(where: str) -> Callable[[], None] | None:
+            if on_wait is None:
+                return None
+            return lambda: on_wait(f"waiting for the run that is building {stage} {key[:12]} ({where})")
+
+        with file_lock(self.root / stage / f"{LOCK_PREFIX}{key}", waiting("on this host")):
             if self.remote is None:
                 yield
             else:
-                with self.remote.lease(stage, key, lease_s).held():
+                lease = self.remote.lease(stage, key, lease_s)
+                with lease.held(waiting(f"on another host: lease {lease_s:.0f} s")):
                     yield
 
     @contextlib.contextmanager
-    def claim(self, stage: str, key: str, lease_s: float = DEFAULT_LEASE_S) -> Iterator[Entry | None]:
+    def claim(self, stage: str, key: str, lease_s: float = DEFAULT_LEASE_S, on_wait: Callable[[str], None] | None = None) -> Iterator[Entry | None]:
         """The entry, or the right to build it: the `exclusive` pattern in one block.
 
         `with store.claim(stage, key) as found:` yields the entry when it exists (at once, or once
@@ -378,7 +385,7 @@ class Store:
         if found is not None:
             yield found
             return
-        with self.exclusive(stage, key, lease_s):
+        with self.exclusive(stage, key, lease_s, on_wait):
             yield self.get(stage, key)
 
     def discard(self, tmp: Path) -> None:
