@@ -323,7 +323,7 @@ def test_two_runs_that_need_one_entry_at_once_compute_it_once(where, mode, tmp_p
 
 
 def test_a_killed_holder_blocks_the_other_run_for_at_most_the_lease(where, tmp_path) -> None:
-    lease_s, log = 2.0, tmp_path / "computed.log"
+    lease_s, log = 3.0, tmp_path / "computed.log"
     holder = _worker("hold", lease_s, 600, log, _cache(where, tmp_path, "a"))
     try:
         assert _next_event(holder)["event"] == "held"
@@ -338,20 +338,21 @@ def test_a_killed_holder_blocks_the_other_run_for_at_most_the_lease(where, tmp_p
         holder.wait()
     events = _events(waiter)
     waited = events["acquired"]["t"] - killed_at
+    print(f"\n{where}: the waiter got the right {waited:.2f} s after the holder's SIGKILL (lease {lease_s} s)")
     if where == "local":
         assert waited < 1.0  # the kernel released the flock at once
     else:
-        assert lease_s / 3 < waited < lease_s + 1.5  # the lease ran out: no renewal since the kill
+        assert lease_s / 3 < waited < lease_s + 2.5  # the lease ran out: no renewal since the kill (+ polls, a loaded machine)
     assert events["done"]["writer"] == int(log.read_text()) == waiter.pid
 
 
 def test_a_live_holder_is_never_taken_over(where, tmp_path) -> None:
-    lease_s, log = 1.0, tmp_path / "computed.log"
-    holder = _worker("hold", lease_s, 4 * lease_s, log, _cache(where, tmp_path, "a"))
+    lease_s, log = 2.0, tmp_path / "computed.log"
+    holder = _worker("hold", lease_s, 3 * lease_s, log, _cache(where, tmp_path, "a"))
     assert _next_event(holder)["event"] == "held"
     waiter = _worker("build", lease_s, 0, log, _cache(where, tmp_path, "b"))
     releasing = _events(holder)["releasing"]["t"]
-    assert _events(waiter)["acquired"]["t"] >= releasing  # waited out all four leases' worth
+    assert _events(waiter)["acquired"]["t"] >= releasing  # waited out three leases' worth
 
 
 def test_gc_removes_a_killed_download_and_keeps_a_running_one(tmp_path, monkeypatch) -> None:
