@@ -52,23 +52,41 @@ def _fail(err: QuantmillError) -> None:
 
 
 def _what(store, stage: str, key: str) -> str:
-    """What an entry is, in words: its source, recipe or evaluated model."""
+    """What an entry is, in words: its source, recipe or evaluated model (of a remote entry not
+    in the cache, from its manifest alone: nothing else is downloaded)."""
     try:
-        entry = store.get(stage, key)
-    except QuantmillError:
+        entry = store.get_local(stage, key)
+        data = store.remote.manifest(stage, key) if entry is None and store.remote is not None else None
+        m = entry.manifest if entry is not None else json.loads(data) if data is not None else {}
+    except (QuantmillError, ValueError):
         return "corrupt manifest.json"
-    m = entry.manifest if entry is not None else {}
+    if not isinstance(m, dict):
+        return "corrupt manifest.json"
     what = m.get("source") or (m.get("recipe") or {}).get("name") or m.get("what") or (m.get("spec") or {}).get("dataset")
     return str(what or "")
 
 
-def _rows() -> list[dict]:
-    from quantmill.tasks.store import Store, folder_size, last_modified
+def _notes(row: dict) -> str:
+    """An entry's notes: what it is, and for a remote store whether this host has it cached."""
+    if "cached" not in row:
+        return row["what"]
+    return ", ".join(x for x in (row["what"], "cached here" if row["cached"] else "") if x)
 
-    store, now = Store(), time.time()
+
+def _rows(store) -> list[dict]:
+    from quantmill.tasks.store import STAGE_VERSIONS, folder_size, last_modified
+
+    now = time.time()
     rows = []
+    if store.remote is not None:  # the entries are the bucket's; the partials are this host's
+        order = list(STAGE_VERSIONS)
+        for e in sorted(store.remote.entries(), key=lambda e: (order.index(e.stage) if e.stage in order else len(order), e.key)):
+            rows.append({
+                "stage": e.stage, "kind": "entry", "key": e.key, "age_s": now - e.modified, "size_bytes": e.size,
+                "path": f"{store.location}/{e.stage}/{e.key}", "what": _what(store, e.stage, e.key), "cached": store.path(e.stage, e.key).is_dir(),
+            })
     for stage in store.stages():
-        for path in store.entries(stage):
+        for path in store.entries(stage) if store.remote is None else []:
             rows.append({
                 "stage": stage, "kind": "entry", "key": path.name, "age_s": now - last_modified(path), "size_bytes": folder_size(path),
                 "path": str(path), "what": _what(store, stage, path.name),
@@ -86,24 +104,28 @@ def ls(as_json: bool = typer.Option(False, "--json", help="print the rows as JSO
     """Entries and partial results per stage, with ages (since last written) and sizes."""
     from quantmill.tasks.store import Store
 
-    rows = _rows()
+    try:
+        store = Store()
+        rows = _rows(store)
+    except QuantmillError as err:
+        _fail(err)
     if as_json:
-        typer.echo(json.dumps({"root": str(Store().root), "rows": rows}, indent=1))
+        typer.echo(json.dumps({"root": store.location, "rows": rows}, indent=1))
         return
     if not rows:
-        typer.echo(f"{Store().root}: empty")
+        typer.echo(f"{store.location}: empty")
         return
     header = ["stage", "kind", "key", "age", "size", "notes"]
     table = [header] + [
         [r["stage"], r["kind"], r["key"][:16], human_age(r["age_s"]), human_size(r["size_bytes"]),
-         f"pid {r['pid']} {r['owner']}, {r['blocks_done']} blocks done" if r["kind"] == "partial" else r["what"]]
+         f"pid {r['pid']} {r['owner']}, {r['blocks_done']} blocks done" if r["kind"] == "partial" else _notes(r)]
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         typer.echo("  ".join(c.rjust(w) if i in (3, 4) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
     partials = [r for r in rows if r["kind"] == "partial"]
-    typer.echo(f"\n{len(rows) - len(partials)} entries, {len(partials)} partials in {Store().root}")
+    typer.echo(f"\n{len(rows) - len(partials)} entries, {len(partials)} partials in {store.location}")
 
 
 @app.command("gc")
@@ -116,9 +138,9 @@ def gc(
 
     try:
         age = parse_age(older_than) if older_than is not None else parse_age(os.environ.get(GC_AGE_ENV, DEFAULT_GC_AGE), GC_AGE_ENV)
+        store, now = Store(), time.time()  # of a remote store: this host's cache
     except QuantmillError as err:
         _fail(err)
-    store, now = Store(), time.time()
     if dry_run:
         doomed = [p for s in store.stages() for p in store.partials(s) if not p.alive and now - last_modified(p.path) >= age]
         for p in doomed:

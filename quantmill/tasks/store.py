@@ -7,6 +7,12 @@ A killed run leaves at most such a folder (a *partial*). It stays until a run of
 adopts it (so per-layer partial results resume: hours on a large model) or the user collects it
 (`quantmill store gc`); another key's build never touches it. Adoption and collection both start
 with an atomic rename of the folder, so exactly one process gets it.
+
+$QUANTMILL_HOME may also be an s3:// URL (a store shared by hosts). Then `root` is a local
+read-through cache of it with the same layout: builds, partials and locks stay local, `commit`
+uploads the entry (manifest last) before renaming it into the cache, and `get` downloads an
+entry the cache lacks once, into a `.dl-` folder renamed into place (quantmill/tasks/store_remote.py).
+`exclusive` gives one run at a time the right to build an entry (quantmill/tasks/lease.py).
 """
 
 from __future__ import annotations
@@ -16,15 +22,18 @@ import fcntl
 import json
 import os
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from quantmill.core.errors import QuantmillError
 from quantmill.core.hashing import canonical_json, sha256_text
+from quantmill.tasks.lease import DEFAULT_LEASE_S, file_lock
 from quantmill.tasks.processes import pid_alive
+from quantmill.tasks.store_remote import FILES, RemoteStore, cache_root, files_of, is_remote, local_path, manifest_files
 
 # Bump a stage's version when its output for the same inputs changes: old entries stop matching.
 STAGE_VERSIONS = {
@@ -39,14 +48,24 @@ MANIFEST = "manifest.json"
 PARTIAL = "partial"  # the per-block results of a resumable stage, inside its tmp folder
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+DOWNLOAD_PREFIX = ".dl-"  # an entry being downloaded into the cache: .dl-<key>-<thread>-<pid>
+LOCK_PREFIX = ".lock-"  # exclusive(): .lock-<key>, removed by its holder
 
 
 class StoreError(QuantmillError):
     """A store entry that cannot be read (a corrupt manifest): names the entry and what to do."""
 
 
+def home() -> str:
+    """$QUANTMILL_HOME as given: a local path, or a URL (s3://BUCKET/PREFIX)."""
+    return os.environ.get("QUANTMILL_HOME") or str(Path.home() / ".cache" / "quantmill")
+
+
 def default_root() -> Path:
-    return Path(os.environ.get("QUANTMILL_HOME", Path.home() / ".cache" / "quantmill")).expanduser()
+    """The store's local folder: $QUANTMILL_HOME, or the read-through cache of a remote store
+    (also where the local-only state lives: file hashes, downloads, pending registrations)."""
+    value = home()
+    return cache_root(value) if is_remote(value) else local_path(value)
 
 
 def stage_key(stage: str, params: dict[str, Any], inputs: dict[str, str] | None = None) -> str:
@@ -143,12 +162,52 @@ def _stage_lock(stage_dir: Path) -> Iterator[None]:
 
 class Store:
     def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root) if root is not None else default_root()
+        """`root`: a local folder or a remote URL (default $QUANTMILL_HOME)."""
+        location = str(root) if root is not None else home()
+        self.remote = RemoteStore(location) if is_remote(location) else None
+        self.root = cache_root(location) if self.remote is not None else local_path(location)
+
+    @property
+    def location(self) -> str:
+        """Where the entries are, in words: the URL of a remote store, else the local root."""
+        return self.remote.url if self.remote is not None else str(self.root)
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
     def get(self, stage: str, key: str) -> Entry | None:
+        """The finished entry, local (in the cache of a remote store: downloaded once), or None."""
+        entry = self.get_local(stage, key)
+        if entry is not None or self.remote is None:
+            return entry
+        data = self.remote.manifest(stage, key)
+        return None if data is None else self._download(stage, key, data)
+
+    def _download(self, stage: str, key: str, data: bytes) -> Entry:
+        """A remote entry into the cache: files into a private folder, checked against the
+        manifest, the manifest last, one rename (a concurrent download of it keeps the first)."""
+        manifest, files = manifest_files(data, f"{self.location} entry {stage}/{key[:12]}")
+        final = self.path(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        folder = final.parent / f"{DOWNLOAD_PREFIX}{key}-{threading.get_ident()}-{os.getpid()}"  # threads of one run too
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            self.remote.download(stage, key, files, folder)
+            (folder / MANIFEST).write_bytes(data)
+            _fsync_tree(folder)
+            with _stage_lock(final.parent):
+                existing = self.get_local(stage, key)
+                if existing is None:
+                    if final.exists():
+                        remove_tree(final)
+                    os.rename(folder, final)
+                    return Entry(stage, key, final, manifest)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return existing
+
+    def get_local(self, stage: str, key: str) -> Entry | None:
+        """The entry if the local folder (a remote store's cache) has it; never downloads."""
         folder = self.path(stage, key)
         manifest = folder / MANIFEST
         if not manifest.is_file():
@@ -190,7 +249,8 @@ class Store:
 
     def collect(self, older_than_s: float, now: float | None = None) -> list[Partial]:
         """Remove dead owners' partials not written to for `older_than_s` seconds (`store gc`),
-        and what a killed deletion left half-deleted (`.trash-<pid>-...` of a dead process)."""
+        and what a killed deletion or download left behind (`.trash-<pid>-...`, `.dl-...-<pid>`
+        of a dead process)."""
         now = time.time() if now is None else now
         removed = []
         for stage in self.stages():
@@ -201,6 +261,10 @@ class Store:
                 pid = trash.name[len(TRASH_PREFIX) :].split("-", 1)[0]
                 if pid.isdigit() and not pid_alive(int(pid)):
                     shutil.rmtree(trash, ignore_errors=True)
+            for download in (self.root / stage).glob(f"{DOWNLOAD_PREFIX}*"):  # a killed download
+                pid = download.name.rpartition("-")[2]
+                if pid.isdigit() and not pid_alive(int(pid)):
+                    shutil.rmtree(download, ignore_errors=True)
         return removed
 
     # ----------------------------------------------------------------- building
@@ -258,16 +322,26 @@ class Store:
 
         The check-and-rename runs under an exclusive lock on the stage folder, so a slower
         concurrent writer of the same key sees the faster one's entry and keeps it (never removes it).
+        A remote store gets the entry first (its manifest lists the files with their sizes); if it
+        had the entry already, ours is dropped and theirs is the one the cache holds.
         """
         manifest = {"stage": stage, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **manifest}
         scratch = tmp / PARTIAL
         if scratch.exists():
             shutil.rmtree(scratch)
+        if self.remote is not None:
+            manifest[FILES] = files_of(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         _fsync_tree(tmp)
+        if self.remote is not None and not self.remote.publish(tmp, stage, key):
+            shutil.rmtree(tmp, ignore_errors=True)  # another host finished first: keep its entry
+            entry = self.get(stage, key)
+            if entry is None:
+                raise StoreError(f"store entry {stage}/{key[:12]} vanished from {self.location} while committing: re-run")
+            return entry
         final = self.path(stage, key)
         with _stage_lock(final.parent):
-            existing = self.get(stage, key)
+            existing = self.get_local(stage, key)
             if existing is None:
                 if final.exists():  # a folder without a manifest is not an entry: replace it
                     remove_tree(final)
@@ -275,6 +349,44 @@ class Store:
                 return Entry(stage, key, final, manifest)
         shutil.rmtree(tmp, ignore_errors=True)  # another run finished first: its entry is as good as ours
         return existing
+
+    @contextlib.contextmanager
+    def exclusive(self, stage: str, key: str, lease_s: float = DEFAULT_LEASE_S, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """The right to build (stage, key): blocks while another live run holds it; `on_wait`
+        (a run logger, say) hears one line when it has to wait.
+
+        Pattern: `get` -> None -> `with exclusive(...)`: `get` again (the holder may have just
+        committed it) -> still None -> `build` + `commit`. On one host an flock (released by the
+        kernel when its holder dies); with a remote store also a lease in the bucket, renewed in
+        the background, that a waiter takes over once it went `lease_s` without renewal.
+        """
+        def waiting(where: str) -> Callable[[], None] | None:
+            if on_wait is None:
+                return None
+            return lambda: on_wait(f"waiting for the run that is building {stage} {key[:12]} ({where})")
+
+        with file_lock(self.root / stage / f"{LOCK_PREFIX}{key}", waiting("on this host")):
+            if self.remote is None:
+                yield
+            else:
+                lease = self.remote.lease(stage, key, lease_s)
+                with lease.held(waiting(f"on another host: lease {lease_s:.0f} s")):
+                    yield
+
+    @contextlib.contextmanager
+    def claim(self, stage: str, key: str, lease_s: float = DEFAULT_LEASE_S, on_wait: Callable[[str], None] | None = None) -> Iterator[Entry | None]:
+        """The entry, or the right to build it: the `exclusive` pattern in one block.
+
+        `with store.claim(stage, key) as found:` yields the entry when it exists (at once, or once
+        the run that held the right committed it), else None while holding `exclusive`, for the
+        block to `build` and `commit`.
+        """
+        found = self.get(stage, key)
+        if found is not None:
+            yield found
+            return
+        with self.exclusive(stage, key, lease_s, on_wait):
+            yield self.get(stage, key)
 
     def discard(self, tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
