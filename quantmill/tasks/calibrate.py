@@ -8,33 +8,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, Field
 
 from quantmill.core.hashing import sha256_text
 from quantmill.io.sources import load_tokenizer
 from quantmill.model.calibration import load_text, pack_samples, parse_spec, tokenize
 from quantmill.tasks.resolve import checkpoint_dir
+from quantmill.tasks.specs import CalibrationSpec, EvaluationSpec  # noqa: F401  (EvaluationSpec: imported from here by callers)
 from quantmill.tasks.stage import Built, Work, stage
 from quantmill.tasks.store import stage_key
 
 STAGE = "capture_calibration"
-
-
-class CalibrationSpec(BaseModel):
-    """Which text calibrates, and how much of it: N samples of L tokens chosen with `seed`."""
-
-    dataset: str = "stdlib:calib"
-    samples: int = Field(64, gt=0)
-    seq_len: int = Field(512, gt=1)
-    seed: int = 0
-
-
-class EvaluationSpec(BaseModel):
-    """The evaluation protocol: the first `windows` non-overlapping windows of `seq_len` tokens."""
-
-    dataset: str = "stdlib:eval"
-    windows: int = Field(32, gt=0)
-    seq_len: int = Field(512, gt=1)
 
 
 def _params(spec: CalibrationSpec) -> dict[str, Any]:

@@ -20,9 +20,9 @@ from quantmill.io.sources import load_model, load_tokenizer
 from quantmill.methods.llm_int8 import llm_int8_outlier_fractions
 from quantmill.model.calibration import first_windows, load_text, parse_spec, tokenize_prefix
 from quantmill.model.sequential import pick_device
-from quantmill.tasks.calibrate import EvaluationSpec
 from quantmill.tasks.common import Progress
 from quantmill.tasks.resolve import checkpoint_dir
+from quantmill.tasks.specs import EvaluationSpec
 from quantmill.tasks.stage import Built, Work, run_stage, stage
 from quantmill.tasks.store import Entry, StoreError, stage_key
 
