@@ -188,3 +188,15 @@ def test_prefect_deploy_all_from_the_root_prefect_yaml(tmp_path):
         assert found["quantize"]["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
         schema = found["quantize"]["parameter_openapi_schema"]["properties"]
         assert "w4a16-gptq-g64" in schema["recipes"]["items"]["enum"] and schema["device"]["enum"] == ["auto", "cpu", "cuda"]
+
+
+def test_prefect_yaml_states_what_serve_deploys():
+    """prefect.yaml cannot import quantmill/serve.py's settings, so it repeats them: they must agree."""
+    from quantmill.serve import DEFAULT_CRON, DESCRIPTIONS, REQUANTIZE_CONCURRENCY, TAGS
+
+    found = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    for name, description in DESCRIPTIONS.items():
+        assert found[name]["description"] == description and found[name]["tags"] == TAGS and found[name]["enforce_parameter_schema"] is True
+    assert [s["cron"] for s in found["requantize"]["schedules"]] == [DEFAULT_CRON]
+    assert found["requantize"]["concurrency_limit"] == REQUANTIZE_CONCURRENCY
+    assert "parameters" not in found["quantize"]  # the form's defaults are the flow's (quantmill/tasks/specs.py)
