@@ -18,6 +18,9 @@ import typer
 
 from quantmill.console import fail
 from quantmill.core.errors import QuantmillError
+from quantmill.tasks.specs import DEFAULT_RECIPES, DEVICES, CalibrationSpec, EvaluationSpec
+
+CALIBRATION, EVALUATION = CalibrationSpec(), EvaluationSpec()  # the options' defaults: the flow form's
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training quantization of causal LMs, as a cached pipeline.")
 
@@ -105,16 +108,16 @@ def _check_plot_path(plot: str) -> None:
 @app.command()
 def quantize(
     model: str = typer.Option("demo", "--model", "-m", help="demo | hf:ORG/NAME[@REV] | DIR | FILE.gguf | models:/NAME@ALIAS"),
-    recipe: list[str] = typer.Option(None, "--recipe", "-r", help="built-in recipe name or YAML file (repeatable)"),
-    calib: str = typer.Option("stdlib:calib", "--calib", help="calibration dataset spec"),
-    calib_samples: int = typer.Option(64, "--calib-samples", help="N calibration samples"),
-    seq_len: int = typer.Option(512, "--seq-len", help="L tokens per calibration sample and eval window"),
-    seed: int = typer.Option(0, "--seed"),
-    eval_spec: str = typer.Option("stdlib:eval", "--eval", help="evaluation dataset spec"),
-    eval_windows: int = typer.Option(32, "--eval-windows", help="K evaluation windows"),
+    recipe: list[str] = typer.Option(None, "--recipe", "-r", help=f"built-in recipe name or YAML file (repeatable; default: {' '.join(DEFAULT_RECIPES)})"),
+    calib: str = typer.Option(CALIBRATION.dataset, "--calib", help="calibration dataset spec"),
+    calib_samples: int = typer.Option(CALIBRATION.samples, "--calib-samples", help="N calibration samples"),
+    seq_len: int = typer.Option(CALIBRATION.seq_len, "--seq-len", help="L tokens per calibration sample and eval window"),
+    seed: int = typer.Option(CALIBRATION.seed, "--seed"),
+    eval_spec: str = typer.Option(EVALUATION.dataset, "--eval", help="evaluation dataset spec"),
+    eval_windows: int = typer.Option(EVALUATION.windows, "--eval-windows", help="K evaluation windows"),
     register: Optional[str] = typer.Option(None, "--register", help="register results in MLflow under NAME-RECIPE"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle (.bin) weights you trust"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when present)"),
+    device: Optional[str] = typer.Option(None, "--device", help=f"{' | '.join(DEVICES)} (default auto: cuda when present)"),
     gate_max_ppl_ratio: Optional[float] = typer.Option(None, "--gate-max-ppl-ratio", help="quality gate: highest ppl ratio (overrides the recipe's)"),
     gate_max_kl: Optional[float] = typer.Option(None, "--gate-max-kl", help="quality gate: highest KL to the float model"),
     gate_min_top1: Optional[float] = typer.Option(None, "--gate-min-top1", help="quality gate: lowest top-1 agreement"),
@@ -129,7 +132,7 @@ def quantize(
         from quantmill.prefect_server import prefect_api, startup_timeout
 
         startup_timeout()  # a bad value would fail Prefect's own settings at import, with no name
-        from quantmill.flows.params import DEFAULT_RECIPES, check_request, split_recipes
+        from quantmill.flows.params import check_request, split_recipes
 
         # Validate everything the user typed before starting a flow run: the flow's own checks.
         recipes = recipe or DEFAULT_RECIPES

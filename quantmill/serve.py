@@ -17,8 +17,17 @@ from quantmill.core.errors import QuantmillError
 # The flows (torch, prefect, mlflow) are imported inside serve() and the scan, as the CLI's other
 # layers are (cli.py): `quantmill --help` imports this module.
 
+# What both ways of deploying state: these deployments, and prefect.yaml, which cannot import them
+# and repeats them (tests/test_deployment.py checks that it does). The forms' defaults and bounds
+# are not here: both take them from the flows' signatures (quantmill/tasks/specs.py).
 DEFAULT_CRON = "0 * * * *"  # hourly
 GPU_LIMIT = "gpu"
+TAGS = ["quantmill"]
+DESCRIPTIONS = {
+    "quantize": "Quantize a model with built-in or inline recipes, evaluate against the original, optionally register in MLflow. Fill in the form.",
+    "requantize": "Scan the watch file's sources (checkpoint folders, hub branches, MLflow aliases); start a quantize run for each new (checkpoint, recipe).",
+}
+REQUANTIZE_CONCURRENCY = 1  # two scans at once could both start the same pair
 
 
 def _fail(message: str) -> None:
@@ -38,19 +47,19 @@ def build_deployments(cron: str = DEFAULT_CRON, watch: Optional[str] = None, tim
     # MODULE_PATH: the runner imports quantmill.flows.quantize from the installed package, whatever the cwd.
     quantize = quantize_flow.to_deployment(
         name="quantize",
-        description="Quantize a model with built-in or inline recipes, evaluate, optionally register in MLflow. Fill in the form.",
-        tags=["quantmill"],
+        description=DESCRIPTIONS["quantize"],
+        tags=TAGS,
         enforce_parameter_schema=True,
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
     requantize = requantize_flow.to_deployment(
         name="requantize",
-        description="Scan the watch file's sources; start a quantize run for each new (checkpoint, recipe).",
-        tags=["quantmill"],
+        description=DESCRIPTIONS["requantize"],
+        tags=TAGS,
         schedules=[schedule],
         parameters={"watch": os.path.abspath(watch)} if watch else {},
         paused=watch is None,
-        concurrency_limit=1,  # two scans at once could both start the same pair
+        concurrency_limit=REQUANTIZE_CONCURRENCY,
         enforce_parameter_schema=True,
         entrypoint_type=EntrypointType.MODULE_PATH,
     )

@@ -169,3 +169,15 @@ def test_prefect_deploy_all_from_the_root_prefect_yaml(tmp_path):
         sweep = found["sweep"]["parameter_openapi_schema"]["properties"]  # the quantize form's choices, plus the cluster's
         assert sweep["recipes"]["items"]["enum"] == schema["recipes"]["items"]["enum"] and sweep["n_workers"]["default"] == 2
         assert {"models", "calibration", "evaluation", "register_prefix", "dask_address"} <= set(sweep)
+
+
+def test_prefect_yaml_states_what_serve_deploys():
+    """prefect.yaml cannot import quantmill/serve.py's settings, so it repeats them: they must agree."""
+    from quantmill.serve import DEFAULT_CRON, DESCRIPTIONS, REQUANTIZE_CONCURRENCY, TAGS
+
+    found = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    for name, description in DESCRIPTIONS.items():
+        assert found[name]["description"] == description and found[name]["tags"] == TAGS and found[name]["enforce_parameter_schema"] is True
+    assert [s["cron"] for s in found["requantize"]["schedules"]] == [DEFAULT_CRON]
+    assert found["requantize"]["concurrency_limit"] == REQUANTIZE_CONCURRENCY
+    assert "parameters" not in found["quantize"]  # the form's defaults are the flow's (quantmill/tasks/specs.py)

@@ -23,7 +23,7 @@ import pytest
 from quantmill.tasks.lease import LeaseError
 from quantmill.tasks.store import MANIFEST, Store, default_root, stage_key
 from quantmill.tasks.store_remote import FILES, RemoteStoreError, cache_root
-from tests.served import _wait_http, free_port, stop
+from tests.served import free_port, stop, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE = "collect_stats"
@@ -43,7 +43,7 @@ def s3_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
     try:
-        _wait_http(endpoint, proc, log, 30)
+        wait_http(endpoint, proc, log, 30)
         yield endpoint, log
     finally:
         stop(proc)

@@ -4,6 +4,8 @@ The parameter schema (enums, patterns, bounds) lets the Prefect server refuse a 
 creation; `check_request` is the rest (recipe YAML, files that must exist, CUDA present, the
 sequence length against a local model's config). The flow calls it before its first task and
 the CLI before it starts a flow run, so both fail the same way, with the same one-line reason.
+The defaults and bounds of the calibration and evaluation forms, the default recipes and the
+devices are quantmill/tasks/specs.py's (the CLI's options read them there too).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
 from quantmill.core.errors import DatasetError, QuantmillError, RecipeError, SourceError
 from quantmill.io.sources import ModelSource, load_tokenizer, validate_source
@@ -24,12 +26,11 @@ from quantmill.methods.recipe import Recipe
 from quantmill.methods.recipe_files import builtin_recipes, load_recipe, parse_recipe, yaml_documents
 from quantmill.model.arch import check_quantizable_type
 from quantmill.model.calibration import load_text, parse_spec, tokenize_prefix
-from quantmill.tasks.calibrate import CalibrationSpec, EvaluationSpec
+from quantmill.tasks.specs import DEFAULT_RECIPES, DEVICES, CalibrationSpec, EvaluationSpec, ui  # noqa: F401  (DEFAULT_RECIPES, ui: imported from here)
 from quantmill.tasks.store import default_root
 
-DEFAULT_RECIPES = ["w8a16-rtn", "w4a16-rtn-g64"]
 RecipeName = Literal[tuple(builtin_recipes())]  # type: ignore[valid-type]  # the form's multi-select
-Device = Literal["auto", "cpu", "cuda"]
+Device = Literal[DEVICES]  # type: ignore[valid-type]
 
 SOURCE_HELP = (
     "Which model to quantize. One of: `demo` (the embedded SmolLM2-135M); `hf:ORG/NAME` or "
@@ -43,54 +44,16 @@ SOURCE_PATTERN = (
     r"^(demo|hf:[A-Za-z0-9][\w.-]*/[\w.-]+(@[^\s@]+)?|models:/[^\s@/]+(@[\w.-]+|/[0-9]+)"
     r"|[^\s:][^:]*)$"
 )
-DATASET_HELP = (
-    "`stdlib:calib` / `stdlib:eval` (Python standard-library docstrings, disjoint parts), a path to a "
-    "`.txt`, `.jsonl[#FIELD]` or `.parquet[#COLUMN]` file, or `hub:ID[:CONFIG]@SPLIT[#COLUMN]`."
-)
-DATASET_PATTERN = r"^(stdlib(:calib|:eval)?|hub:[^\s@#:]+(:[^\s@#]+)?@[^\s#]+(#\S+)?|(file:)?\S.*\.(txt|jsonl|parquet)(#\S+)?)$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-
-
-def ui(title: str, description: str, **extra: Any) -> dict[str, Any]:
-    """Title and description as JSON-schema extras: Prefect overwrites a Field's own title with the
-    parameter name and its description with the docstring's, but keeps these."""
-    return {"title": title, "description": description, **extra}
-
-
-def _as_dict(value: Any) -> Any:
-    # Python callers pass quantmill.tasks.calibrate's specs; the form's models take the same fields.
-    return value.model_dump() if isinstance(value, (CalibrationSpec, EvaluationSpec)) else value
 
 
 def _none_is_empty(value: Any) -> Any:
     return "" if value is None else value
 
 
-class CalibrationForm(BaseModel):
-    """Which text calibrates, and how much of it: N samples of L tokens chosen with `seed`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: Annotated[str, Field(pattern=DATASET_PATTERN, examples=["stdlib:calib", "/data/calib.jsonl#text"], json_schema_extra=ui("Calibration text", DATASET_HELP))] = "stdlib:calib"
-    samples: Annotated[int, Field(gt=0, le=100_000, json_schema_extra=ui("Samples (N)", "How many calibration samples."))] = 64
-    seq_len: Annotated[int, Field(gt=1, le=1_048_576, json_schema_extra=ui("Tokens per sample (L)", "Tokens per calibration sample; at most the model's max_position_embeddings."))] = 512
-    seed: Annotated[int, Field(ge=0, json_schema_extra=ui("Seed", "Chooses which windows of the text become samples."))] = 0
-
-    def spec(self) -> CalibrationSpec:
-        return CalibrationSpec(**self.model_dump())
-
-
-class EvaluationForm(BaseModel):
-    """The evaluation protocol: the first `windows` non-overlapping windows of `seq_len` tokens."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: Annotated[str, Field(pattern=DATASET_PATTERN, examples=["stdlib:eval"], json_schema_extra=ui("Evaluation text", DATASET_HELP))] = "stdlib:eval"
-    windows: Annotated[int, Field(gt=0, le=100_000, json_schema_extra=ui("Windows (K)", "How many evaluation windows (perplexity, KL and top-1 agreement over all of them)."))] = 32
-    seq_len: Annotated[int, Field(gt=1, le=1_048_576, json_schema_extra=ui("Tokens per window", "Tokens per evaluation window; at most the model's max_position_embeddings."))] = 512
-
-    def spec(self) -> EvaluationSpec:
-        return EvaluationSpec(**self.model_dump())
+# The form is the stages' spec (one model: one set of defaults and bounds, quantmill/tasks/specs.py).
+CalibrationForm = CalibrationSpec
+EvaluationForm = EvaluationSpec
 
 
 # The flow's parameter types: what the form shows and what the server checks at creation.
@@ -98,8 +61,8 @@ ModelParam = Annotated[str, Field(pattern=SOURCE_PATTERN, examples=["demo", "hf:
 RecipesParam = Annotated[list[RecipeName], Field(json_schema_extra=ui("Built-in recipes", "One quantization per recipe chosen (list: `quantmill recipes`); the shared stages run once.", uniqueItems=True))]
 # Plain strings, "" for none: the form then shows a text box instead of a "str | None" switch.
 RecipeYamlParam = Annotated[str, BeforeValidator(_none_is_empty), Field(max_length=200_000, examples=["name: my-w4-g32\nmethod: rtn\nweights: {bits: 4, granularity: group, group_size: 32}"], json_schema_extra=ui("Extra recipes (YAML)", "Optional: one recipe mapping, a list of them, or several YAML documents, in the recipe format of recipes/*.yaml."))]
-CalibrationParam = Annotated[CalibrationForm, BeforeValidator(_as_dict), Field(json_schema_extra=ui("Calibration", "The text the quantizers see."))]
-EvaluationParam = Annotated[EvaluationForm, BeforeValidator(_as_dict), Field(json_schema_extra=ui("Evaluation", "The text the quantized model is compared with the original on."))]
+CalibrationParam = Annotated[CalibrationSpec, Field(json_schema_extra=ui("Calibration", "The text the quantizers see."))]
+EvaluationParam = Annotated[EvaluationSpec, Field(json_schema_extra=ui("Evaluation", "The text the quantized model is compared with the original on."))]
 RegisterParam = Annotated[str, BeforeValidator(_none_is_empty), Field(pattern=f"^$|{NAME_PATTERN}", max_length=200, examples=["smollm2-135m"], json_schema_extra=ui("Register as", "Register each result in MLflow as model NAME-RECIPE (alias `candidate`); empty: do not register."))]
 DeviceParam = Annotated[Device, Field(json_schema_extra=ui("Device", "Where decoder blocks run: auto (CUDA when present), cpu or cuda."))]
 PickleParam = Annotated[bool, Field(json_schema_extra=ui("Allow pickle weights", "Accept a checkpoint whose only weights are pickle files (can run code: only for sources you trust)."))]
@@ -199,7 +162,7 @@ def check_writable_folder(folder: Path, what: str) -> None:
 
 def _form(cls: type[BaseModel], name: str, value: Any) -> Any:
     try:
-        return cls.model_validate(_as_dict(value or {}))
+        return cls.model_validate(value or {})
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join([name, *(str(p) for p in first["loc"])])
@@ -209,8 +172,8 @@ def _form(cls: type[BaseModel], name: str, value: Any) -> Any:
 def _check_device(device: str | None) -> str | None:
     if device in (None, "auto"):
         return None
-    if device not in ("cpu", "cuda"):
-        raise QuantmillError(f"unknown device {device!r} (use auto, cpu or cuda)")
+    if device not in DEVICES:
+        raise QuantmillError(f"unknown device {device!r} (use {', '.join(DEVICES[:-1])} or {DEVICES[-1]})")
     if device == "cuda":
         import torch
 
@@ -223,8 +186,8 @@ def check_request(
     model: str,
     recipes: list[str],
     recipe_yaml: str | None = None,
-    calibration: CalibrationSpec | CalibrationForm | dict | None = None,
-    evaluation: EvaluationSpec | EvaluationForm | dict | None = None,
+    calibration: CalibrationSpec | dict | None = None,
+    evaluation: EvaluationSpec | dict | None = None,
     device: str | None = None,
     allow_pickle: bool = False,
     register_as: str | None = None,
@@ -238,11 +201,12 @@ def check_request(
     names = [r.name for r in plans]
     if len(set(names)) != len(names):
         raise RecipeError(f"recipe names must be unique (one registered model each): {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
-    for raw in (_as_dict(calibration), _as_dict(evaluation)):  # the spec parser's message names the forms
-        if isinstance(raw, dict) and isinstance(raw.get("dataset"), str):
-            parse_spec(raw["dataset"])
-    calib = _form(CalibrationForm, "calibration", calibration).spec()
-    evals = _form(EvaluationForm, "evaluation", evaluation).spec()
+    for raw in (calibration, evaluation):  # the spec parser's message names the forms
+        dataset = raw.dataset if isinstance(raw, BaseModel) else raw.get("dataset") if isinstance(raw, dict) else None
+        if isinstance(dataset, str):
+            parse_spec(dataset)
+    calib = _form(CalibrationSpec, "calibration", calibration)
+    evals = _form(EvaluationSpec, "evaluation", evaluation)
     config = _local_config(source)
     if isinstance(config.get("model_type"), str):
         check_quantizable_type(config["model_type"])

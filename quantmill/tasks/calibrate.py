@@ -8,34 +8,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from prefect import task
-from pydantic import BaseModel, Field
 
 from quantmill.core.hashing import sha256_text
 from quantmill.io.sources import load_tokenizer
 from quantmill.model.calibration import load_text, pack_samples, parse_spec, tokenize
-from quantmill.tasks.common import entry_result, log, store, store_cache_key
 from quantmill.tasks.resolve import checkpoint_dir
+from quantmill.tasks.specs import CalibrationSpec, EvaluationSpec  # noqa: F401  (EvaluationSpec: imported from here by callers)
+from quantmill.tasks.stage import Built, Work, stage
 from quantmill.tasks.store import stage_key
 
 STAGE = "capture_calibration"
-
-
-class CalibrationSpec(BaseModel):
-    """Which text calibrates, and how much of it: N samples of L tokens chosen with `seed`."""
-
-    dataset: str = "stdlib:calib"
-    samples: int = Field(64, gt=0)
-    seq_len: int = Field(512, gt=1)
-    seed: int = 0
-
-
-class EvaluationSpec(BaseModel):
-    """The evaluation protocol: the first `windows` non-overlapping windows of `seq_len` tokens."""
-
-    dataset: str = "stdlib:eval"
-    windows: int = Field(32, gt=0)
-    seq_len: int = Field(512, gt=1)
 
 
 def _params(spec: CalibrationSpec) -> dict[str, Any]:
@@ -52,31 +34,18 @@ def read_token_table(path: Path) -> torch.Tensor:
     return torch.tensor(table.column("input_ids").to_pylist(), dtype=torch.long)
 
 
-def _cache_key(p: dict[str, Any]) -> tuple[str, str]:
-    return STAGE, calibration_key(p["model"]["key"], CalibrationSpec.model_validate(p["spec"]))
-
-
-@task(name="capture_calibration", cache_key_fn=store_cache_key(_cache_key), persist_result=True)
-def capture_calibration(model: dict[str, Any], spec: CalibrationSpec) -> dict[str, Any]:
+@stage(STAGE)
+def capture_calibration(model: dict[str, Any], spec: CalibrationSpec) -> Work:
     """Tokenize the calibration text with the model's tokenizer and pack N x L samples."""
     spec = CalibrationSpec.model_validate(spec)
     key = calibration_key(model["key"], spec)
-    s = store()
-    found = s.get(STAGE, key)
-    if found is not None:
-        log(f"reused capture_calibration key {key[:12]} ({spec.dataset})")
-        return entry_result(found, reused=True)
-    parsed = parse_spec(spec.dataset)
-    with s.build(STAGE, key) as tmp:
-        text = load_text(parsed)
+
+    def build(tmp: Path) -> Built:
+        text = load_text(parse_spec(spec.dataset))
         tokens = tokenize(load_tokenizer(checkpoint_dir(model)), text)
         samples = pack_samples(tokens, spec.samples, spec.seq_len, spec.seed, what=f"calibration text {spec.dataset}")
         pq.write_table(pa.table({"input_ids": samples.tolist()}), tmp / "samples.parquet")
-        entry = s.commit(
-            tmp,
-            STAGE,
-            key,
-            {"spec": spec.model_dump(), "text_sha256": sha256_text(text), "text_tokens": int(tokens.numel()), "model_key": model["key"]},
-        )
-    log(f"captured {spec.samples} x {spec.seq_len} tokens from {spec.dataset} -> key {key[:12]}")
-    return entry_result(entry, reused=False)
+        manifest = {"spec": spec.model_dump(), "text_sha256": sha256_text(text), "text_tokens": int(tokens.numel()), "model_key": model["key"]}
+        return Built(manifest, f"captured {spec.samples} x {spec.seq_len} tokens from {spec.dataset} -> key {key[:12]}")
+
+    return Work(key, build, label=spec.dataset)

@@ -12,8 +12,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from quantmill.core.errors import QuantmillError
 from quantmill.core.hashing import sha256_text
 from quantmill.eval.evaluate import ReferenceRecord, evaluate_against, reference_distributions
@@ -22,10 +20,11 @@ from quantmill.io.sources import load_model, load_tokenizer
 from quantmill.methods.llm_int8 import llm_int8_outlier_fractions
 from quantmill.model.calibration import first_windows, load_text, parse_spec, tokenize_prefix
 from quantmill.model.sequential import pick_device
-from quantmill.tasks.calibrate import EvaluationSpec
-from quantmill.tasks.common import Progress, entry_result, log, store, store_cache_key
+from quantmill.tasks.common import Progress
 from quantmill.tasks.resolve import checkpoint_dir
-from quantmill.tasks.store import Entry, stage_key
+from quantmill.tasks.specs import EvaluationSpec
+from quantmill.tasks.stage import Built, Work, run_stage, stage
+from quantmill.tasks.store import Entry, StoreError, stage_key
 
 STAGE = "evaluate"
 REFERENCE_FILE = "reference.safetensors"
@@ -44,25 +43,17 @@ def check_finite(metrics: dict[str, Any], what: str) -> None:
         raise QuantmillError(f"evaluate {what}: {', '.join(f'{k} is {metrics[k]}' for k in bad)} (the model's outputs are not finite); nothing committed")
 
 
-def _key_of(p: dict[str, Any]) -> tuple[str, str]:
-    q = p.get("quantized")
-    return STAGE, evaluate_key(p["model"]["key"], q["key"] if q else None, EvaluationSpec.model_validate(p["spec"]))
-
-
 def _windows(src: Path, spec: EvaluationSpec) -> tuple[Any, str]:
     text = load_text(parse_spec(spec.dataset))
     ids = tokenize_prefix(load_tokenizer(src), text, spec.windows * spec.seq_len)
     return first_windows(ids, spec.windows, spec.seq_len, what=f"evaluation text {spec.dataset}"), sha256_text(text)
 
 
-def _float_entry(model: dict[str, Any], spec: EvaluationSpec, device: str | None) -> tuple[Entry, bool]:
+def _float_work(model: dict[str, Any], spec: EvaluationSpec, device: str | None) -> Work:
     """The float model's evaluation (perplexity + next-token record), built once per eval text."""
     key = evaluate_key(model["key"], None, spec)
-    s = store()
-    found = s.get(STAGE, key)
-    if found is not None and (found.path / REFERENCE_FILE).is_file():
-        return found, True
-    with s.build(STAGE, key) as tmp:
+
+    def build(tmp: Path) -> Built:
         src = checkpoint_dir(model)
         dev = pick_device(device)
         windows, text_sha = _windows(src, spec)
@@ -75,32 +66,27 @@ def _float_entry(model: dict[str, Any], spec: EvaluationSpec, device: str | None
         metrics["eval_text_sha256"] = text_sha
         record.save(tmp / REFERENCE_FILE)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        entry = s.commit(tmp, STAGE, key, {"metrics": metrics, "what": "float"})
-    log(f"evaluated float: ppl {metrics['ppl']:.3f} -> key {key[:12]}")
-    return entry, False
+        return Built({"metrics": metrics, "what": "float"}, f"evaluated float: ppl {metrics['ppl']:.3f} -> key {key[:12]}")
+
+    return Work(key, build, label="float")
 
 
-@task(name="evaluate", cache_key_fn=store_cache_key(_key_of), persist_result=True)
-def evaluate(model: dict[str, Any], spec: EvaluationSpec, quantized: dict[str, Any] | None = None, device: str | None = None) -> dict[str, Any]:
-    """Perplexity (and, for a quantized model, KL to the float model, top-1 agreement, paired 95%
-    intervals, size) in one forward pass of the model evaluated."""
-    spec = EvaluationSpec.model_validate(spec)
-    if quantized is None:
-        entry, reused = _float_entry(model, spec, device)
-        if reused:
-            log(f"reused evaluate key {entry.key[:12]} (float)")
-        return entry_result(entry, reused=reused)
+def reference_file(entry: Entry) -> Path:
+    """The float evaluation's record; an entry that lost it names itself rather than failing later."""
+    path = entry.path / REFERENCE_FILE
+    if not path.is_file():
+        raise StoreError(f"store entry {STAGE}/{entry.key[:12]} lost its {REFERENCE_FILE}; delete {entry.path} and re-run")
+    return path
+
+
+def _quantized_work(model: dict[str, Any], spec: EvaluationSpec, quantized: dict[str, Any], device: str | None) -> Work:
     key = evaluate_key(model["key"], quantized["key"], spec)
-    s = store()
-    found = s.get(STAGE, key)
     what = quantized["manifest"]["recipe"]["name"]
-    if found is not None:
-        log(f"reused evaluate key {key[:12]} ({what})")
-        return entry_result(found, reused=True)
-    reference, _ = _float_entry(model, spec, device)  # normally done already by the flow
-    with s.build(STAGE, key) as tmp:
+
+    def build(tmp: Path) -> Built:
+        reference, _ = run_stage(STAGE, _float_work(model, spec, device))  # normally done already by the flow
         dev = pick_device(device)
-        record = ReferenceRecord.load(reference.path / REFERENCE_FILE)
+        record = ReferenceRecord.load(reference_file(reference))
         progress = Progress(f"evaluate {what}: windows done")
         qdir = Path(quantized["path"]) / "checkpoint"
         candidate = load_quantized(qdir).to(dev)
@@ -115,6 +101,15 @@ def evaluate(model: dict[str, Any], spec: EvaluationSpec, quantized: dict[str, A
         check_finite(metrics, what)
         metrics["eval_text_sha256"] = reference.manifest["metrics"]["eval_text_sha256"]
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        entry = s.commit(tmp, STAGE, key, {"metrics": metrics, "what": what})
-    log(f"evaluated {what}: ppl {metrics['ppl']:.3f} (x{metrics['ppl_ratio']:.4f}), KL {metrics['kl']:.4f} -> key {key[:12]}")
-    return entry_result(entry, reused=False)
+        message = f"evaluated {what}: ppl {metrics['ppl']:.3f} (x{metrics['ppl_ratio']:.4f}), KL {metrics['kl']:.4f} -> key {key[:12]}"
+        return Built({"metrics": metrics, "what": what}, message)
+
+    return Work(key, build, label=what)
+
+
+@stage(STAGE)
+def evaluate(model: dict[str, Any], spec: EvaluationSpec, quantized: dict[str, Any] | None = None, device: str | None = None) -> Work:
+    """Perplexity (and, for a quantized model, KL to the float model, top-1 agreement, paired 95%
+    intervals, size) in one forward pass of the model evaluated."""
+    spec = EvaluationSpec.model_validate(spec)
+    return _float_work(model, spec, device) if quantized is None else _quantized_work(model, spec, quantized, device)

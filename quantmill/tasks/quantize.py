@@ -10,7 +10,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
@@ -24,9 +23,10 @@ from quantmill.methods.registry import REGISTRY
 from quantmill.model.sequential import finished_blocks, large_frees_returned_to_os, pick_device, release_host_memory
 from quantmill.model.stats import load_stats
 from quantmill.tasks.calibrate import read_token_table
-from quantmill.tasks.common import Progress, entry_result, log, store, store_cache_key
+from quantmill.tasks.common import Progress, log
 from quantmill.tasks.report import markdown_table
 from quantmill.tasks.resolve import checkpoint_dir
+from quantmill.tasks.stage import Built, Work, stage
 from quantmill.tasks.store import stage_key
 
 STAGE = "quantize"
@@ -40,11 +40,6 @@ def quantize_key(model_key: str, calibration_key: str, stats_key: str, recipe: R
     if version != 1:
         params["method_version"] = version
     return stage_key(STAGE, params, {"model": model_key, "calibration": calibration_key, "stats": stats_key})
-
-
-def _key_of(p: dict[str, Any]) -> tuple[str, str]:
-    recipe = Recipe.model_validate(p["recipe"])
-    return STAGE, quantize_key(p["model"]["key"], p["calibration"]["key"], p["stats"]["key"], recipe)
 
 
 def lineage(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str, Any], recipe: Recipe, key: str) -> dict[str, Any]:
@@ -77,16 +72,12 @@ def _report_artifact(recipe: Recipe, report: list[dict[str, Any]], block_seconds
         log(f"could not create the per-block report artifact: {err}")
 
 
-@task(name="quantize", cache_key_fn=store_cache_key(_key_of), persist_result=True)
-def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str, Any], recipe: Recipe, device: str | None = None) -> dict[str, Any]:
+@stage(STAGE)
+def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str, Any], recipe: Recipe, device: str | None = None) -> Work:
     recipe = Recipe.model_validate(recipe)
     key = quantize_key(model["key"], calibration["key"], stats["key"], recipe)
-    s = store()
-    found = s.get(STAGE, key)
-    if found is not None:
-        log(f"reused quantize key {key[:12]} ({recipe.name})")
-        return entry_result(found, reused=True)
-    with s.build(STAGE, key) as tmp:
+
+    def build(tmp: Path) -> Built:
         start = time.perf_counter()
         src = checkpoint_dir(model)
         net = load_model(src)
@@ -133,7 +124,7 @@ def quantize(model: dict[str, Any], calibration: dict[str, Any], stats: dict[str
         if resumed:  # quantize_seconds covers this run only; the blocks before it took sum(resumed)
             manifest["resumed_blocks"] = len(resumed)
             manifest["resumed_block_seconds"] = sum(resumed.values())
-        entry = s.commit(tmp, STAGE, key, manifest)
-    _report_artifact(recipe, result.report, block_seconds)
-    log(f"quantized {recipe.name} ({modules} modules, {seconds:.1f} s) -> key {key[:12]}")
-    return entry_result(entry, reused=False)
+        _report_artifact(recipe, result.report, block_seconds)  # this run's work, whichever run commits first
+        return Built(manifest, f"quantized {recipe.name} ({modules} modules, {seconds:.1f} s) -> key {key[:12]}")
+
+    return Work(key, build, label=recipe.name)

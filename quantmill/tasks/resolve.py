@@ -7,8 +7,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from quantmill.core.errors import SourceError
 from quantmill.core.hashing import hash_files, sha256_file
 from quantmill.io.sources import (
@@ -23,9 +21,10 @@ from quantmill.io.sources import (
     parse_source,
 )
 from quantmill.io.verify import verify_checkpoint
-from quantmill.tasks.common import entry_result, log, store, store_cache_key
+from quantmill.tasks.common import store
 from quantmill.tasks.hash_cache import cached_sha256, forget
 from quantmill.tasks.registry import download_model, resolve_model_uri
+from quantmill.tasks.stage import Built, Work, stage
 from quantmill.tasks.store import stage_key
 
 STAGE = "resolve_model"
@@ -109,21 +108,13 @@ def _check_copy_matches(folder: Path, identity: dict[str, str], copied: dict[str
         raise SourceError(f"{folder}: {', '.join(changed)} changed while the checkpoint was read; run again")
 
 
-@task(
-    name="resolve_model",
-    cache_key_fn=store_cache_key(lambda p: (STAGE, resolve_key(p["source"], p.get("allow_pickle", False)))),
-    persist_result=True,
-)
-def resolve_model(source: str, allow_pickle: bool = False) -> dict[str, Any]:
+@stage(STAGE)
+def resolve_model(source: str, allow_pickle: bool = False) -> Work:
     """A store entry holding the float checkpoint (config, safetensors, tokenizer) and its hashes."""
     identity = source_identity(source, allow_pickle)
     key = stage_key(STAGE, identity)
-    s = store()
-    found = s.get(STAGE, key)
-    if found is not None:
-        log(f"reused resolve_model key {key[:12]} ({source})")
-        return entry_result(found, reused=True)
-    with s.build(STAGE, key) as tmp:
+
+    def build(tmp: Path) -> Built:
         ckpt = tmp / "checkpoint"
         info = _materialize(parse_source(source), ckpt, allow_pickle, identity)
         verify_checkpoint(ckpt, label=source)  # every tensor present, shaped and finite; tokenizer loads: or nothing is committed
@@ -133,22 +124,18 @@ def resolve_model(source: str, allow_pickle: bool = False) -> dict[str, Any]:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(ckpt)
-        entry = s.commit(
-            tmp,
-            STAGE,
-            key,
-            {
-                "source": source,
-                "identity": identity,
-                "resolved_revision": info.get("resolved_revision", identity.get("revision")),
-                "file_hashes": files,
-                "model_type": config.model_type,
-                "architectures": config.architectures,
-                **info,
-            },
-        )
-    log(f"resolved {source} -> resolve_model key {key[:12]}")
-    return entry_result(entry, reused=False)
+        manifest = {
+            "source": source,
+            "identity": identity,
+            "resolved_revision": info.get("resolved_revision", identity.get("revision")),
+            "file_hashes": files,
+            "model_type": config.model_type,
+            "architectures": config.architectures,
+            **info,
+        }
+        return Built(manifest, f"resolved {source} -> resolve_model key {key[:12]}")
+
+    return Work(key, build, label=source)
 
 
 def checkpoint_dir(model_entry: dict[str, Any]) -> Path:

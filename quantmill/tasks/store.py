@@ -49,7 +49,7 @@ PARTIAL = "partial"  # the per-block results of a resumable stage, inside its tm
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 DOWNLOAD_PREFIX = ".dl-"  # an entry being downloaded into the cache: .dl-<key>-<thread>-<pid>
-LOCK_PREFIX = ".lock-"  # exclusive(): .lock-<key>, removed by its holder
+LOCKS = ".locks"  # exclusive(): <root>/.locks/<stage>/<key>, removed by its holder (outside the stage folders)
 
 
 class StoreError(QuantmillError):
@@ -365,7 +365,7 @@ class Store:
                 return None
             return lambda: on_wait(f"waiting for the run that is building {stage} {key[:12]} ({where})")
 
-        with file_lock(self.root / stage / f"{LOCK_PREFIX}{key}", waiting("on this host")):
+        with file_lock(self.root / LOCKS / stage / key, waiting("on this host")):
             if self.remote is None:
                 yield
             else:
