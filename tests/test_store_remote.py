@@ -24,6 +24,7 @@ from quantmill.tasks.lease import LeaseError
 from quantmill.tasks.store import MANIFEST, Store, default_root, stage_key
 from quantmill.tasks.store_remote import FILES, RemoteStoreError, cache_root
 from tests.served import free_port, stop, wait_http
+from tests.tiny import make_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE = "collect_stats"
@@ -213,6 +214,12 @@ def test_a_missing_bucket_is_one_line_before_anything_is_computed(s3_server, tmp
     with pytest.raises(LeaseError, match=r"^the lease no-such-bucket/team/.leases/collect_stats/[0-9a-f]{64}.json cannot be written: "):
         with store.exclusive(STAGE, KEY):
             pass
+    # `quantmill quantize` says it before the first task: nothing is computed for a store it cannot write
+    model = make_tiny_llama(tmp_path / "tiny")
+    done = subprocess.run([sys.executable, "-m", "quantmill.cli", "quantize", "--model", str(model), "--recipe", "w8a16-rtn"], cwd=REPO,
+                          env={**os.environ, "QUANTMILL_HOME": "s3://no-such-bucket/team"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "Beginning flow run" not in done.stderr + done.stdout
+    assert re.fullmatch(r"error: the store s3://no-such-bucket/team: bucket no-such-bucket cannot be used \(.*\): create it, or check the credentials\n", done.stderr), done.stderr
 
 
 def test_store_ls_lists_a_remote_store(url, tmp_path) -> None:

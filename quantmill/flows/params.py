@@ -27,7 +27,7 @@ from quantmill.methods.recipe_files import builtin_recipes, load_recipe, parse_r
 from quantmill.model.arch import check_quantizable_type
 from quantmill.model.calibration import load_text, parse_spec, tokenize_prefix
 from quantmill.tasks.specs import DEFAULT_RECIPES, DEVICES, CalibrationSpec, EvaluationSpec, ui  # noqa: F401  (DEFAULT_RECIPES, ui: imported from here)
-from quantmill.tasks.store import default_root
+from quantmill.tasks.store import Store
 
 RecipeName = Literal[tuple(builtin_recipes())]  # type: ignore[valid-type]  # the form's multi-select
 Device = Literal[DEVICES]  # type: ignore[valid-type]
@@ -214,7 +214,10 @@ def check_request(
     for what, length in (("calibration", calib.seq_len), ("evaluation", evals.seq_len)):
         if limit is not None and length > limit:
             raise QuantmillError(f"{what} seq_len {length} exceeds the model's max_position_embeddings {limit} ({model})")
-    check_writable_folder(default_root(), "the store (QUANTMILL_HOME)")
+    store = Store()
+    check_writable_folder(store.root, "the store (QUANTMILL_HOME)" if store.remote is None else f"the local cache of the store {store.location}")
+    if store.remote is not None:
+        store.remote.check()
     _check_dataset_file("calibration", calib.dataset, calib.samples, calib.seq_len, source)
     _check_dataset_file("evaluation", evals.dataset, evals.windows, evals.seq_len, source)
     if register_as and not re.match(NAME_PATTERN, register_as):

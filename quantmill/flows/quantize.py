@@ -190,15 +190,22 @@ def links_markdown(registered: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _artifacts(model: str, fp: dict[str, Any], rows: list[dict[str, Any]], stages: list[dict[str, Any]], registered: list[dict[str, Any]]) -> None:
+def publish_artifacts(
+    prefix: str, results: list[dict[str, Any]], description: str, stages: list[dict[str, Any]], registered: list[dict[str, Any]], markdowns: dict[str, tuple[str, str]] | None = None
+) -> None:
+    """A run's artifacts, the same for both flows: `PREFIX-results` (the table), any extra
+    markdown ones (`PREFIX-SUFFIX`: suffix -> (markdown, description)), `PREFIX-stages` (cached or
+    computed) and, when something was registered, `PREFIX-mlflow` (the links)."""
     logger = get_run_logger()
     try:
-        create_table_artifact(key="quantize-results", table=results_table(fp, rows), description=f"quantmill results for {model}")
-        create_table_artifact(key="quantize-stages", table=[{**s, "cached": "cached" if s["cached"] else "computed"} for s in stages], description="each stage: served from the store (cached) or computed")
+        create_table_artifact(key=f"{prefix}-results", table=results, description=description)
+        for suffix, (markdown, text) in (markdowns or {}).items():
+            create_markdown_artifact(key=f"{prefix}-{suffix}", markdown=markdown, description=text)
+        create_table_artifact(key=f"{prefix}-stages", table=[{**s, "cached": "cached" if s["cached"] else "computed"} for s in stages], description="each stage: served from the store (cached) or computed")
         if registered:
-            create_markdown_artifact(key="quantize-mlflow", markdown=links_markdown(registered), description="MLflow runs and model versions")
+            create_markdown_artifact(key=f"{prefix}-mlflow", markdown=links_markdown(registered), description="MLflow runs and model versions")
     except Exception as err:  # an artifact is a nicety; the results are in the return value
-        logger.warning(f"could not create the result artifacts: {err}")
+        logger.warning(f"could not create the {prefix} artifacts: {err}")
 
 
 @flow(name="quantize", log_prints=True)
@@ -240,7 +247,7 @@ def quantize_flow(
         "rows": rows,
         "stages": stages,
     }
-    _artifacts(model, fp, rows, stages, registered)
+    publish_artifacts("quantize", results_table(fp, rows), f"quantmill results for {model}", stages, registered)
     if registry_errors:
         raise registry_errors[0]
     return summary

@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 from distributed import get_worker
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
@@ -49,7 +48,7 @@ from quantmill.flows.quantize import (
     RecipeOutcome,
     SharedStages,
     gpu_slot,
-    links_markdown,
+    publish_artifacts,
     reference_row,
     run_recipe,
     run_shared,
@@ -175,18 +174,6 @@ def _plot_markdown(path: str, front: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _artifacts(table: list[dict[str, Any]], stages: list[dict[str, Any]], plot: str, front: list[dict[str, Any]], registered: list[dict[str, Any]]) -> None:
-    logger = get_run_logger()
-    try:
-        create_table_artifact(key="sweep-results", table=table_cells(table), description="quantmill sweep: every model's float reference and recipes")
-        create_markdown_artifact(key="sweep-pareto", markdown=_plot_markdown(plot, front), description="size vs perplexity across all results, Pareto front marked")
-        create_table_artifact(key="sweep-stages", table=[{**s, "cached": "cached" if s["cached"] else "computed"} for s in stages], description="each stage: served from the store (cached) or computed")
-        if registered:
-            create_markdown_artifact(key="sweep-mlflow", markdown=links_markdown(registered), description="MLflow runs and model versions")
-    except Exception as err:  # an artifact is a nicety; the results are in the return value
-        logger.warning(f"could not create the sweep artifacts: {err}")
-
-
 @flow(name="sweep", log_prints=True)
 def sweep_flow(
     models: ModelsParam = ["demo"],
@@ -242,7 +229,10 @@ def sweep_flow(
     refs = [{**ref["metrics"], "label": ref["label"] if several else ""} for ref in references.values()]
     size_vs_ppl(refs, plotted, plot, title="sweep: size vs perplexity", front=True)
     front = pareto_front(rows)
-    _artifacts(table, stages, str(plot), front, registered)
+    publish_artifacts(
+        "sweep", table_cells(table), "quantmill sweep: every model's float reference and recipes", stages, registered,
+        markdowns={"pareto": (_plot_markdown(str(plot), front), "size vs perplexity across all results, Pareto front marked")},
+    )
     summary = {
         "flow_run_id": str(flow_run.get_id()),
         "models": [{"model": m, "model_key": ref["key"], "reference": {k: ref["metrics"][k] for k in ("ppl", "size_mb", "seconds")}} for m, ref in references.items()],

@@ -13,6 +13,7 @@ import psutil
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie (exited, not yet reaped by its parent) does not."""
     if pid == os.getpid():
         return True
     try:
@@ -21,7 +22,10 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def owner_id(pid: int | None = None) -> str:

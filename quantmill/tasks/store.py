@@ -49,6 +49,7 @@ PARTIAL = "partial"  # the per-block results of a resumable stage, inside its tm
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 DOWNLOAD_PREFIX = ".dl-"  # an entry being downloaded into the cache: .dl-<key>-<thread>-<pid>
+HANDOVER_S = 5.0  # how long a build under `exclusive` waits for the dead previous holder's pid to go
 LOCKS = ".locks"  # exclusive(): <root>/.locks/<stage>/<key>, removed by its holder (outside the stage folders)
 
 
@@ -166,6 +167,7 @@ class Store:
         location = str(root) if root is not None else home()
         self.remote = RemoteStore(location) if is_remote(location) else None
         self.root = cache_root(location) if self.remote is not None else local_path(location)
+        self._held: set[tuple[str, str]] = set()  # the (stage, key)s this Store's `exclusive` holds
 
     @property
     def location(self) -> str:
@@ -269,16 +271,26 @@ class Store:
 
     # ----------------------------------------------------------------- building
 
-    def _adopt(self, stage: str, key: str, tmp: Path) -> bool:
-        """Take over the newest dead partial of the same key (rename: only one process wins)."""
-        for p in self.partials(stage):
-            if p.key == key and not p.alive and p.path != tmp:
-                try:
-                    os.rename(p.path, tmp)
-                except OSError:  # another run adopted or collected it first
-                    continue
-                return True
-        return False
+    def _adopt(self, stage: str, key: str, tmp: Path, wait_s: float = 0.0) -> bool:
+        """Take over the newest dead partial of the same key (rename: only one process wins).
+
+        `wait_s`: how long a same-key partial whose owner still looks alive is waited for. Under
+        `exclusive` such an owner is the previous holder, dying: the kernel frees a killed
+        process's lock while it exits, a moment before its pid is gone.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            same = [p for p in self.partials(stage) if p.key == key and p.path != tmp]
+            for p in same:
+                if not p.alive:
+                    try:
+                        os.rename(p.path, tmp)
+                    except OSError:  # another run adopted or collected it first
+                        continue
+                    return True
+            if not any(p.alive for p in same) or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     @contextlib.contextmanager
     def build(self, stage: str, key: str) -> Iterator[Path]:
@@ -293,7 +305,7 @@ class Store:
         tmp = self.root / stage / f"{TMP_PREFIX}{key}-{os.getpid()}"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         if not tmp.exists():
-            self._adopt(stage, key, tmp)
+            self._adopt(stage, key, tmp, HANDOVER_S if (stage, key) in self._held else 0.0)
         tmp.mkdir(parents=True, exist_ok=True)
         try:
             yield tmp
@@ -366,12 +378,16 @@ class Store:
             return lambda: on_wait(f"waiting for the run that is building {stage} {key[:12]} ({where})")
 
         with file_lock(self.root / LOCKS / stage / key, waiting("on this host")):
-            if self.remote is None:
-                yield
-            else:
-                lease = self.remote.lease(stage, key, lease_s)
-                with lease.held(waiting(f"on another host: lease {lease_s:.0f} s")):
+            self._held.add((stage, key))
+            try:
+                if self.remote is None:
                     yield
+                else:
+                    lease = self.remote.lease(stage, key, lease_s)
+                    with lease.held(waiting(f"on another host: lease {lease_s:.0f} s")):
+                        yield
+            finally:
+                self._held.discard((stage, key))
 
     @contextlib.contextmanager
     def claim(self, stage: str, key: str, lease_s: float = DEFAULT_LEASE_S, on_wait: Callable[[str], None] | None = None) -> Iterator[Entry | None]:

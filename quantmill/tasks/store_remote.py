@@ -103,6 +103,11 @@ class RemoteStore:
         except Exception as err:  # credentials, endpoint: one line naming the store
             raise RemoteStoreError(f"the store {self.url} cannot be read: {_first_line(err)}") from None
 
+    def check(self) -> None:
+        """The bucket exists and these credentials reach it, or a one-line RemoteStoreError: run
+        before the first task, so a wrong bucket fails when the run is asked for."""
+        self._check_bucket()
+
     def _check_bucket(self) -> None:
         """s3fs says "not found" alike for a missing key and a missing bucket: tell them apart once."""
         if self._bucket_ok:
