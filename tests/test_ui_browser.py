@@ -101,6 +101,20 @@ def test_a_person_runs_quantize_from_the_form(tmp_path):
                 limit.get_by_role("button", name="float").click()
                 limit.locator("input").fill("50")
                 assert _toggle_options(page, "Device", ["cpu"]) == ["auto", "cpu", "cuda"]
+                # A custom recipe made in the form (issue 18): one button per registered method, then
+                # that method's own fields; here rtn_lsq per channel with one of its options changed.
+                custom = _field(page, "Custom recipe")
+                assert {"rtn", "gptq", "awq", "smoothquant", "llm_int8", "rtn_lsq"} <= set(custom.get_by_role("button").all_inner_texts())
+                custom.get_by_role("button", name="rtn_lsq", exact=True).click()
+                _field(page, "Refits").wait_for()  # the method's own options show (rtn_lsq's, not rtn's)
+                _field(page, "Recipe name").locator("textarea").fill("form-lsq")
+                _field(page, "Bits").locator("input").fill("4")
+                page.keyboard.press("Tab")
+                _field(page, "Refits").locator("input").fill("2")
+                page.keyboard.press("Tab")
+                assert not _field(page, "Clip Search").count()  # rtn_lsq's own options, not rtn's
+                _field(page, "Recipe name").scroll_into_view_if_needed()
+                _shot(page, "ui-quantize-custom-recipe.png", shots)
                 assert _field(page, "Built-in recipes").locator(".p-tag").all_inner_texts() == ["w8a16-rtn", "w4a16-rtn"]
                 page.get_by_text("Run Name", exact=True).scroll_into_view_if_needed()
                 _shot(page, "ui-quantize-form.png", shots)
@@ -117,6 +131,8 @@ def test_a_person_runs_quantize_from_the_form(tmp_path):
                 run = runs[0]
                 assert run["parameters"]["recipes"] == ["w8a16-rtn", "w4a16-rtn"] and run["parameters"]["device"] == "cpu"
                 assert run["parameters"]["gate"]["max_ppl_ratio"] == 50
+                custom_recipe = run["parameters"]["custom_recipe"]
+                assert (custom_recipe["method"], custom_recipe["name"], custom_recipe["weights"]["bits"], custom_recipe["rtn_lsq_options"]["refits"]) == ("rtn_lsq", "form-lsq", 4, 2)
                 page.goto(f"{ui}/runs/flow-run/{run['id']}")
                 page.locator(".page-heading-flow-run__meta .state-badge.state--completed").wait_for(timeout=600_000)
                 page.locator("li.p-tab#artifacts").click()
@@ -126,10 +142,11 @@ def test_a_person_runs_quantize_from_the_form(tmp_path):
                 header = [h.strip() for h in table.locator("th").all_inner_texts()]
                 assert [c for c in COLUMNS if c not in header] == [], header
                 rows = [[c.strip() for c in r.locator("td").all_inner_texts()] for r in table.locator("tbody tr").all()]
-                assert [r[header.index("recipe")] for r in rows] == ["float (reference)", "w8a16-rtn", "w4a16-rtn"]
+                assert [r[header.index("recipe")] for r in rows] == ["float (reference)", "w8a16-rtn", "w4a16-rtn", "form-lsq"]
                 assert all(len(r) == len(header) for r in rows)  # every column for every row
                 assert rows[1][header.index("uri")] == "models:/browser-w8a16-rtn/1"
                 assert rows[2][header.index("uri")] == "models:/browser-w4a16-rtn/1"
+                assert rows[3][header.index("uri")] == "models:/browser-form-lsq/1"
                 assert rows[0][header.index("kl")] == "\u2014"  # no value for the reference, shown as such
                 page.set_viewport_size({"width": 2600, "height": 600})
                 _shot(page, "ui-quantize-results.png", shots)

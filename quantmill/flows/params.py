@@ -24,6 +24,7 @@ from quantmill.core.errors import DatasetError, QuantmillError, RecipeError, Sou
 from quantmill.io.sources import ModelSource, load_tokenizer, validate_source
 from quantmill.methods.recipe import Recipe
 from quantmill.methods.recipe_files import builtin_recipes, load_recipe, parse_recipe, yaml_documents
+from quantmill.methods.recipe_forms import RecipeForm, recipe_from_form
 from quantmill.model.arch import check_quantizable_type
 from quantmill.model.calibration import load_text, parse_spec, tokenize_prefix
 from quantmill.tasks.specs import DEFAULT_RECIPES, DEVICES, CalibrationSpec, EvaluationSpec, ui  # noqa: F401  (DEFAULT_RECIPES, ui: imported from here)
@@ -60,11 +61,17 @@ EvaluationForm = EvaluationSpec
 ModelParam = Annotated[str, Field(pattern=SOURCE_PATTERN, examples=["demo", "hf:HuggingFaceTB/SmolLM2-135M@main", "models:/base-llama@production", "/data/checkpoints/step-1000"], json_schema_extra=ui("Model source", SOURCE_HELP))]
 RecipesParam = Annotated[list[RecipeName], Field(json_schema_extra=ui("Built-in recipes", "One quantization per recipe chosen (list: `quantmill recipes`); the shared stages run once.", uniqueItems=True))]
 # Plain strings, "" for none: the form then shows a text box instead of a "str | None" switch.
+CustomRecipeParam = Annotated[
+    RecipeForm | None,
+    Field(json_schema_extra=ui("Custom recipe", "Optional: one recipe made here. Pick its method, then its weights, activations and the method's own options (each with its default and range); None: no custom recipe.")),
+]
 RecipeYamlParam = Annotated[str, BeforeValidator(_none_is_empty), Field(max_length=200_000, examples=["name: my-w4-g32\nmethod: rtn\nweights: {bits: 4, granularity: group, group_size: 32}"], json_schema_extra=ui("Extra recipes (YAML)", "Optional: one recipe mapping, a list of them, or several YAML documents, in the recipe format of recipes/*.yaml."))]
 CalibrationParam = Annotated[CalibrationSpec, Field(json_schema_extra=ui("Calibration", "The text the quantizers see."))]
 EvaluationParam = Annotated[EvaluationSpec, Field(json_schema_extra=ui("Evaluation", "The text the quantized model is compared with the original on."))]
 RegisterParam = Annotated[str, BeforeValidator(_none_is_empty), Field(pattern=f"^$|{NAME_PATTERN}", max_length=200, examples=["smollm2-135m"], json_schema_extra=ui("Register as", "Register each result in MLflow as model NAME-RECIPE (alias `candidate`); empty: do not register."))]
 DeviceParam = Annotated[Device, Field(json_schema_extra=ui("Device", "Where decoder blocks run: auto (CUDA when present), cpu or cuda."))]
+# The flows' form field: an empty value (None, from a cleared form) is "auto".
+FormDeviceParam = Annotated[DeviceParam, BeforeValidator(lambda v: "auto" if v is None else v)]
 PickleParam = Annotated[bool, Field(json_schema_extra=ui("Allow pickle weights", "Accept a checkpoint whose only weights are pickle files (can run code: only for sources you trust)."))]
 
 
@@ -191,13 +198,14 @@ def check_request(
     device: str | None = None,
     allow_pickle: bool = False,
     register_as: str | None = None,
+    custom_recipe: BaseModel | dict | None = None,
 ) -> Plan:
     """Every check that needs no model loaded, in the order a user reads the form; the first
     failure is a QuantmillError naming the bad value. `recipes` may hold built-in names or YAML
     paths (the CLI's `--recipe`); the form offers names only."""
     _check_source_syntax(model)
     source = validate_source(model, allow_pickle)
-    plans = [load_recipe(r) for r in recipes] + inline_recipes(recipe_yaml)
+    plans = [load_recipe(r) for r in recipes] + inline_recipes(recipe_yaml) + ([recipe_from_form(custom_recipe)] if custom_recipe is not None else [])
     names = [r.name for r in plans]
     if len(set(names)) != len(names):
         raise RecipeError(f"recipe names must be unique (one registered model each): {', '.join(sorted({n for n in names if names.count(n) > 1}))}")

@@ -19,7 +19,8 @@ from quantmill.flows.params import (
     DEFAULT_RECIPES,
     CalibrationForm,
     CalibrationParam,
-    DeviceParam,
+    CustomRecipeParam,
+    FormDeviceParam,
     EvaluationForm,
     EvaluationParam,
     ModelParam,
@@ -213,15 +214,16 @@ def quantize_flow(
     model: ModelParam = "demo",
     recipes: RecipesParam = DEFAULT_RECIPES,
     recipe_yaml: RecipeYamlParam = "",
+    custom_recipe: CustomRecipeParam = None,
     calibration: CalibrationParam = CalibrationForm(),
     evaluation: EvaluationParam = EvaluationForm(),
     register_as: RegisterParam = "",
     gate: GateParam = QualityGate(),
     allow_pickle: PickleParam = False,
-    device: Annotated[DeviceParam, BeforeValidator(lambda v: "auto" if v is None else v)] = "auto",
+    device: FormDeviceParam = "auto",
 ) -> dict[str, Any]:
     """Quantize one model with several recipes; shared stages run once, every stage is cached."""
-    plan = check_request(model, list(recipes), recipe_yaml, calibration, evaluation, device, allow_pickle, register_as)
+    plan = check_request(model, list(recipes), recipe_yaml, calibration, evaluation, device, allow_pickle, register_as, custom_recipe)
     plans, calibration_spec, evaluation_spec, device_ = plan.recipes, plan.calibration, plan.evaluation, plan.device
     stages: list[dict[str, Any]] = []
     registered: list[dict[str, Any]] = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import os
 import re
-from typing import Annotated, Any
+from typing import Any
 
 from distributed import get_worker
 from prefect import flow, get_run_logger, task
@@ -22,7 +22,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from prefect_dask import DaskTaskRunner
-from pydantic import BeforeValidator
 
 from quantmill.core.errors import QuantmillError
 from quantmill.eval.plots import pareto_front, size_vs_ppl
@@ -30,9 +29,10 @@ from quantmill.flows.params import (
     DEFAULT_RECIPES,
     CalibrationForm,
     CalibrationParam,
+    CustomRecipeParam,
     DaskAddressParam,
     DaskWorkersParam,
-    DeviceParam,
+    FormDeviceParam,
     EvaluationForm,
     EvaluationParam,
     ModelsParam,
@@ -80,13 +80,15 @@ def model_label(source: ModelSource, model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-._") or "model"
 
 
-def check_sweep(models: list[str], recipes: list[str], recipe_yaml: str, calibration: Any, evaluation: Any, device: str, allow_pickle: bool, register_prefix: str) -> dict[str, tuple[Plan, str]]:
+def check_sweep(
+    models: list[str], recipes: list[str], recipe_yaml: str, calibration: Any, evaluation: Any, device: str, allow_pickle: bool, register_prefix: str, custom_recipe: Any = None
+) -> dict[str, tuple[Plan, str]]:
     """check_request for every model before any work; model -> (its plan, its register name)."""
     if len(set(models)) != len(models):
         raise QuantmillError(f"models must be unique: {', '.join(sorted({m for m in models if models.count(m) > 1}))}")
     checked: dict[str, tuple[Plan, str]] = {}
     for model in models:
-        plan = check_request(model, list(recipes), recipe_yaml, calibration, evaluation, device, allow_pickle)
+        plan = check_request(model, list(recipes), recipe_yaml, calibration, evaluation, device, allow_pickle, custom_recipe=custom_recipe)
         name = f"{register_prefix}-{model_label(plan.source, model)}" if register_prefix else ""
         for recipe in plan.recipes if name else []:
             check_model_name(f"{name}-{recipe.name}")  # a long prefix and label can pass MLflow's length
@@ -179,18 +181,19 @@ def sweep_flow(
     models: ModelsParam = ["demo"],
     recipes: RecipesParam = DEFAULT_RECIPES,
     recipe_yaml: RecipeYamlParam = "",
+    custom_recipe: CustomRecipeParam = None,
     calibration: CalibrationParam = CalibrationForm(),
     evaluation: EvaluationParam = EvaluationForm(),
     register_prefix: RegisterPrefixParam = "",
     gate: GateParam = QualityGate(),
     allow_pickle: PickleParam = False,
-    device: Annotated[DeviceParam, BeforeValidator(lambda v: "auto" if v is None else v)] = "auto",
+    device: FormDeviceParam = "auto",
     dask_address: DaskAddressParam = "",
     n_workers: DaskWorkersParam = 2,
 ) -> dict[str, Any]:
     """Every model x every recipe: shared stages once per model, recipes fanned out on Dask."""
     logger = get_run_logger()
-    checked = check_sweep(list(models), list(recipes), recipe_yaml, calibration, evaluation, device, allow_pickle, register_prefix)
+    checked = check_sweep(list(models), list(recipes), recipe_yaml, calibration, evaluation, device, allow_pickle, register_prefix, custom_recipe)
     if register_prefix and tracking_uri().startswith("sqlite:"):
         experiment_id()  # the SQLite file and experiment made once here, not raced for by the workers
     stages: list[dict[str, Any]] = []

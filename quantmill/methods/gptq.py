@@ -98,18 +98,28 @@ class QuantizerOptions(MethodOptions):
 
     @classmethod
     def known(cls) -> set[str]:
-        return set(cls.model_fields) - {"gptq"} | set(GptqMethodOptions.model_fields)
+        """GPTQ's options flat (a recipe file), or nested as `gptq` (the typed form)."""
+        return set(cls.model_fields) | set(GptqMethodOptions.model_fields)
 
     @classmethod
     def prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
         quantizer = data.get("quantizer", "rtn")
         if quantizer not in ("rtn", "gptq"):
             raise ValueError(f"{cls.method} quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
-        own = {k: v for k, v in data.items() if k not in GptqMethodOptions.model_fields}
-        flat = {k: v for k, v in data.items() if k in GptqMethodOptions.model_fields}
+        nested = data.get("gptq") or {}
+        nested = nested.written() if isinstance(nested, GptqMethodOptions) else nested
+        if not isinstance(nested, dict):
+            raise ValueError(f"{cls.method} option gptq must be a mapping of GPTQ options, got {nested!r}")
+        own = {k: v for k, v in data.items() if k not in GptqMethodOptions.model_fields and k != "gptq"}
+        flat = {**nested, **{k: v for k, v in data.items() if k in GptqMethodOptions.model_fields}}
         if flat and quantizer != "gptq":
             raise ValueError(f"option(s) {sorted(flat)} apply to quantizer: gptq only")
         return {**own, "gptq": parse_options(flat, GptqMethodOptions)} if quantizer == "gptq" else own
+
+    def written(self) -> dict[str, Any]:
+        """As a recipe file writes them: GPTQ's options flat beside `quantizer`."""
+        own = self.model_dump(mode="json", exclude_defaults=True, exclude={"gptq"})
+        return {**own, **(self.gptq.written() if self.gptq is not None else {})}
 
     def weight_quantizer(self, recipe: Recipe, plan: dict[str, tuple[str, int | None]]) -> WeightQuantizer | None:
         """GPTQ with these options as a per-Linear quantizer for quantize_block; None for rtn."""

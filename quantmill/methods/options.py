@@ -34,6 +34,11 @@ class MethodOptions(BaseModel):
         """The recipe's keys as the model's fields (a model that nests another regroups them)."""
         return data
 
+    def written(self) -> dict[str, Any]:
+        """The options as a recipe file writes them: only what differs from the defaults (so a
+        recipe made in a form hashes as the same recipe written by hand)."""
+        return self.model_dump(mode="json", exclude_defaults=True)
+
     @model_validator(mode="before")
     @classmethod
     def _known_keys_then_prepare(cls, data: Any) -> Any:

@@ -90,8 +90,11 @@ class QualityGate(_Strict):
         return self.model_copy(update=override.model_dump(exclude_none=True))
 
 
+RECIPE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 class Recipe(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(pattern=RECIPE_NAME_PATTERN)
     description: str = ""
     method: str
     weights: WeightScheme
