@@ -178,3 +178,24 @@ def test_compose_describes_the_stack_this_test_runs():
     worker = services["worker"]["environment"]
     assert worker["QUANTMILL_HOME"] == f"s3://${{MLFLOW_BUCKET:-{BUCKET}}}/{STORE}" and worker["AWS_ENDPOINT_URL"] == worker["MLFLOW_S3_ENDPOINT_URL"]
     assert "QUANTMILL_CACHE" in worker and services["worker-cuda"]["environment"] == worker
+
+
+def test_a_smoke_text_with_a_nul_registers_on_postgres(stack, monkeypatch):
+    """Postgres refuses NUL in text (MLflow answers 500; SQLite takes it), and a tiny or broken
+    model's smoke text can hold one: found by this stack's run on 2026-12-06. What quantmill sends
+    to MLflow goes through db_safe."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from quantmill.tasks.registry import db_safe, gate_tags
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a 500 is final here: no minutes of retries
+    client = MlflowClient(tracking_uri=stack.mlflow)
+    run = client.create_run(client.create_experiment("nul-text"))
+    text = "smoke \x00 text"
+    with pytest.raises(MlflowException):
+        client.set_tag(run.info.run_id, "raw", text)  # what registration used to send
+    tags = {k: db_safe(v) for k, v in gate_tags({"status": "passed", "limits": {}, "smoke": {"text": text}}).items()}
+    for key, value in tags.items():
+        client.set_tag(run.info.run_id, key, value)
+    assert client.get_run(run.info.run_id).data.tags["quantmill.gate.smoke_text"] == "smoke \\0 text"

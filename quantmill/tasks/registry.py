@@ -95,6 +95,13 @@ def checkpoint_hashes(tags: dict[str, str]) -> dict[str, str]:
     return {k[len(CHECKPOINT_TAG) :]: v for k, v in tags.items() if k.startswith(CHECKPOINT_TAG)}
 
 
+def db_safe(value: str) -> str:
+    """A string every MLflow backend stores: Postgres refuses NUL (0x00) in text (the request then
+    fails with HTTP 500), and a quantized model's smoke text can hold one (a tiny or broken model
+    generates any token); it is kept visible as the two characters \\0."""
+    return value.replace("\x00", "\\0")
+
+
 def gate_tags(gate_result: dict[str, Any] | None) -> dict[str, str]:
     if gate_result is None:
         return {GATE_TAG: "none"}
@@ -287,14 +294,14 @@ def _register(name, quantized, metrics, reference, gate_result, evaluation) -> d
     try:
         folder = build_model_folder(qdir, scratch / MODEL_ARTIFACT)
         hashes = hash_files(folder)
-        tags = {**lineage_tags(quantized, lineage), **gate_tags(gate_result)}
+        tags = {k: db_safe(v) for k, v in {**lineage_tags(quantized, lineage), **gate_tags(gate_result)}.items()}
         with mlflow.start_run(experiment_id=experiment, run_name=model_name, tags={OWNER_TAG: owner_id()}) as run:
             params = _flat("recipe", recipe.model_dump(mode="json", exclude={"description", "gate"}), {})
             params.update({"source": lineage["source"], "calibration": json.dumps(lineage["calibration_spec"])})
             if evaluation:
                 params.update({f"eval.{k}": v for k, v in evaluation.items()})
             params["eval.text_sha256"] = metrics.get("eval_text_sha256")
-            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            mlflow.log_params({k: db_safe(str(v)[:500]) for k, v in params.items()})
             numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             numeric["reference_ppl_full"] = float(reference["ppl"])
             mlflow.log_metrics(numeric)
@@ -315,7 +322,7 @@ def _register(name, quantized, metrics, reference, gate_result, evaluation) -> d
     if found is not None:
         return _result(model_name, found, reused=True)
     version = c.create_model_version(model_name, source=f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id, tags={**tags, **checkpoint_tags(hashes)})
-    c.update_model_version(model_name, version.version, description=description(model_name, version.version, recipe, lineage, metrics, gate_result))
+    c.update_model_version(model_name, version.version, description=db_safe(description(model_name, version.version, recipe, lineage, metrics, gate_result)))
     uri = f"models:/{model_name}/{version.version}"
     passed = gate_result is None or gate_result["status"] == "passed"
     if passed:
